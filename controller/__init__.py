@@ -1,0 +1,7 @@
+"""obuilder-reconcile: keeps an OBuilder HCS store and containerd in agreement."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

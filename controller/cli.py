@@ -1,0 +1,205 @@
+"""The ``reconcile`` command: flags, settings, and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from controller import __version__, platform
+from controller.containerd import CtrContainerd
+from controller.ctr import Ctr, CtrSettings
+from controller.errors import (
+    CtrError,
+    CtrNotFoundError,
+    LockedError,
+    ReconcileError,
+    StoreReadError,
+    StoreSanityError,
+    UsageError,
+)
+from controller.lock import StoreLock
+from controller.plan import Mode, PlanOptions
+from controller.planner import plan as make_plan
+from controller.reconciler import reconcile
+from controller.records import Observation
+from controller.report import render_explain, render_plan, render_summary, to_json
+from controller.store import check_store, observe_store
+from controller.store_cleanup import StoreCleaner
+
+EXIT_OK, EXIT_NOT_CONVERGED, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
+DEFAULT_WORKER_NAMES = ("ocluster-worker", "obuilder")
+
+EPILOG = """\
+exit codes:
+  0  converged (with --dry-run: nothing to do)
+  1  did not converge: stuck objects and their reasons are printed
+  2  usage, policy or store-sanity error (nothing was touched)
+  3  --dry-run found drift
+
+environment:
+  CONTAINERD_ADDRESS, CONTAINERD_NAMESPACE, CONTAINERD_SNAPSHOTTER give the defaults
+  of --address, --namespace and --snapshotter; flags override them.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="reconcile",
+        description=(
+            "Keep an OBuilder HCS store and containerd in agreement: remove leaked obuilder-run-* "
+            "containers, orphan obuilder-* snapshots (leaves first) and interrupted result-tmp/ "
+            "entries, and never anything the store still needs."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="reconcile once to convergence, then exit (boot mode: the worker is not running)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
+    p.add_argument("--store", metavar="ROOT", help="OBuilder store root (as in --store=hcs:ROOT)")
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help=f"containerd address (default: $CONTAINERD_ADDRESS, else {platform.DEFAULT_ADDRESS})",
+    )
+    p.add_argument(
+        "--namespace", metavar="NS", help="containerd namespace (default: $CONTAINERD_NAMESPACE, else default)"
+    )
+    p.add_argument(
+        "--snapshotter",
+        metavar="NAME",
+        help=f"snapshotter (default: $CONTAINERD_SNAPSHOTTER, else {platform.DEFAULT_SNAPSHOTTER})",
+    )
+    p.add_argument("--ctr", metavar="PATH", help=f"the ctr executable (default: {platform.DEFAULT_CTR})")
+    p.add_argument(
+        "--force", action="store_true", help="allow --once boot semantics while a worker process appears to be running"
+    )
+    p.add_argument(
+        "--explain",
+        metavar="NAME",
+        help="say which rule keeps a snapshot, container or result-tmp entry, or why it would go",
+    )
+    p.add_argument(
+        "--max-passes",
+        type=int,
+        default=10,
+        metavar="N",
+        help="give up after N passes that each made progress (default: 10)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="list every object in the plan")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: Path
+    ctr: CtrSettings
+    plan: PlanOptions
+    max_passes: int
+    worker_names: tuple[str, ...] = DEFAULT_WORKER_NAMES
+
+
+def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    """Flags override the environment; the environment overrides containerd's defaults."""
+    if not args.store:
+        raise UsageError("--store ROOT is required (the OBuilder store root)")
+    if args.max_passes < 1:
+        raise UsageError("--max-passes must be at least 1")
+    ctr = CtrSettings(
+        ctr=args.ctr or platform.DEFAULT_CTR,
+        address=args.address or env.get("CONTAINERD_ADDRESS") or platform.DEFAULT_ADDRESS,
+        namespace=args.namespace or env.get("CONTAINERD_NAMESPACE") or "default",
+        snapshotter=args.snapshotter or env.get("CONTAINERD_SNAPSHOTTER") or platform.DEFAULT_SNAPSHOTTER,
+    )
+    return Settings(store=Path(args.store), ctr=ctr, plan=PlanOptions(), max_passes=args.max_passes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, os.environ)
+    except (UsageError, StoreSanityError, LockedError, CtrNotFoundError) as e:
+        print(f"reconcile: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CtrError, StoreReadError) as e:
+        print(f"reconcile: {e}", file=sys.stderr)
+        return EXIT_NOT_CONVERGED
+    except ReconcileError as e:
+        print(f"reconcile: {e}", file=sys.stderr)
+        return EXIT_NOT_CONVERGED
+
+
+def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = resolve_settings(args, env)
+    check_store(settings.store)
+    mode = Mode.BOOT if args.once else Mode.DAEMON
+    ctr = Ctr(settings.ctr)
+    containerd = CtrContainerd(ctr, container_prefix=settings.plan.container_prefix)
+
+    def observe() -> Observation:
+        return Observation(store=observe_store(settings.store), containerd=containerd.observe())
+
+    def now() -> datetime:
+        return datetime.now(UTC)
+
+    if args.explain:
+        return explain(args.explain, observe(), settings.plan, now(), mode)
+    if not args.once:
+        raise UsageError("daemon mode is not available yet: run with --once (boot mode)")
+    if not args.force:
+        running = platform.find_running(settings.worker_names)
+        if running:
+            raise UsageError(
+                f"a worker appears to be running ({', '.join(running)}): --once assumes every "
+                "obuilder-run-* container and result-tmp/ entry is dead; stop the worker or pass --force"
+            )
+
+    def go() -> int:
+        summary, first = reconcile(
+            observe,
+            settings.plan,
+            mode,
+            containerd,
+            StoreCleaner(settings.store),
+            now=now,
+            max_passes=settings.max_passes,
+            dry_run=args.dry_run,
+            ctr_calls=lambda: ctr.calls,
+        )
+        if args.json:
+            print(to_json(first, summary))
+        else:
+            print(render_plan(first, verbose=args.verbose))
+            print(render_summary(summary))
+        return summary.exit_code
+
+    if args.dry_run:
+        return go()
+    with StoreLock(settings.store):
+        return go()
+
+
+def explain(name: str, observation: Observation, options: PlanOptions, now: datetime, mode: Mode) -> int:
+    plan = make_plan(observation, options, now, mode)
+    decisions = plan.decision_for(name)
+    present = (
+        any(s.key == name for s in observation.containerd.snapshots)
+        or name in observation.containerd.foreign_containers
+    )
+    note = (
+        "(boot semantics: --once assumes the worker is not running)"
+        if mode is Mode.BOOT
+        else "(daemon semantics; pass --once for what a boot run would do)"
+    )
+    print(render_explain(name, decisions, present=present, mode_note=note))
+    return EXIT_OK if decisions or present else EXIT_NOT_CONVERGED

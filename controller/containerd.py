@@ -1,0 +1,63 @@
+"""The containerd observer and actuator, over ``ctr``.
+
+The observer lists snapshots, containers and tasks, and asks for details only of
+the containers we own. The actuator removes in batches: its cost grows with the
+number of removal levels, not with the number of objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from controller.ctr import Ctr, Result
+from controller.records import ContainerdState
+
+
+class ContainerdObserver(Protocol):
+    def observe(self) -> ContainerdState: ...
+
+
+class ContainerdActuator(Protocol):
+    """What the executor needs from containerd; "not found" must come back as done."""
+
+    def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]: ...
+
+    def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]: ...
+
+    def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]: ...
+
+
+class CtrContainerd:
+    """Both roles, through one :class:`Ctr`."""
+
+    def __init__(self, ctr: Ctr, *, container_prefix: str, parallel: int = 4) -> None:
+        self.ctr = ctr
+        self.container_prefix = container_prefix
+        self.parallel = max(1, parallel)
+
+    def observe(self) -> ContainerdState:
+        snapshots = self.ctr.snapshots()
+        ids = self.ctr.container_ids()
+        owned = [i for i in ids if i.startswith(self.container_prefix)]
+        # One `containers info` per owned container is the only way ctr gives a
+        # spec; run a few at once since each is a process start and a round trip.
+        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+            details = list(pool.map(self.ctr.container, owned))
+        tasks = self.ctr.tasks()
+        return ContainerdState(
+            snapshots=snapshots,
+            containers=tuple(c for c in details if c is not None),
+            foreign_containers=tuple(i for i in ids if not i.startswith(self.container_prefix)),
+            tasks=tasks,
+        )
+
+    def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]:
+        return self.ctr.delete_tasks(ids)
+
+    def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]:
+        return self.ctr.remove_containers(ids)
+
+    def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
+        return self.ctr.remove_snapshots(keys)

@@ -1,0 +1,316 @@
+"""Talking to containerd through ``ctr``: run it, parse what it prints, classify errors.
+
+Facts from ctr's source (1.6 to 2.x) this module relies on:
+
+* tables are aligned by Go's tabwriter, so a row is cut at the header's column
+  positions (an empty PARENT is only padding, and snapshot keys may hold spaces);
+* flags go before positional arguments (ctr 2.x no longer reorders them), and a
+  ``--`` ends the flags, so a name read from disk is never read as an option;
+* ``snapshots rm k1 k2 ...`` stops at the first failure ("failed to remove %q: ...")
+  while ``containers rm`` and ``tasks delete --force`` log each failure and go on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from controller import platform
+from controller.errors import CtrError, CtrNotFoundError, CtrTimeoutError
+from controller.records import Container, Snapshot, Task, TaskStatus
+
+
+class Outcome(StrEnum):
+    """What became of one object a removal call named."""
+
+    REMOVED = "removed"
+    #: Already gone: an idempotent removal counts this as done.
+    NOT_FOUND = "not-found"
+    #: containerd refused because the snapshot still has a child: retry after it.
+    HAS_CHILD = "has-child"
+    #: Not attempted: an earlier key of the same ``snapshots rm`` call failed.
+    NOT_TRIED = "not-tried"
+    FAILED = "failed"
+
+    @property
+    def done(self) -> bool:
+        return self in (Outcome.REMOVED, Outcome.NOT_FOUND)
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class CtrSettings:
+    ctr: str = platform.DEFAULT_CTR
+    address: str = platform.DEFAULT_ADDRESS
+    namespace: str = "default"
+    snapshotter: str = platform.DEFAULT_SNAPSHOTTER
+    timeout: float = 60.0
+
+
+@dataclass
+class Ctr:
+    """Runs ``ctr`` with the connection flags, a timeout, and a count of processes started."""
+
+    settings: CtrSettings
+    calls: int = 0
+    _argv0: list[str] = field(init=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self._argv0 = [s.ctr, "--address", s.address, "--namespace", s.namespace]
+
+    def run(self, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        argv = [*self._argv0, *args]
+        with self._lock:
+            self.calls += 1
+        try:
+            return subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                encoding="utf-8",
+                errors="surrogateescape",
+                stdin=subprocess.DEVNULL,
+                timeout=self.settings.timeout,
+                check=False,
+            )
+        except FileNotFoundError as e:
+            raise CtrNotFoundError(f"cannot run {self.settings.ctr!r}: {e.strerror}") from e
+        except subprocess.TimeoutExpired as e:
+            stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            raise CtrTimeoutError(argv, None, f"timed out after {self.settings.timeout:g}s {stderr}") from e
+
+    def output(self, args: Sequence[str]) -> str:
+        """Run and return stdout; any non-zero exit is a :class:`CtrError`."""
+        proc = self.run(args)
+        if proc.returncode != 0:
+            raise CtrError([self.settings.ctr, *args], proc.returncode, proc.stderr)
+        return proc.stdout
+
+    # -- observing -----------------------------------------------------------------
+
+    def snapshots(self) -> tuple[Snapshot, ...]:
+        rows = parse_table(self.output(["snapshots", "--snapshotter", self.settings.snapshotter, "ls"]))
+        return tuple(Snapshot(key=r["KEY"], parent=r.get("PARENT") or None, kind=r.get("KIND", "")) for r in rows)
+
+    def container_ids(self) -> tuple[str, ...]:
+        out = self.output(["containers", "ls", "--quiet"])
+        return tuple(line.strip() for line in out.splitlines() if line.strip())
+
+    def container(self, container_id: str) -> Container | None:
+        """One container's details, or None when it vanished since it was listed."""
+        proc = self.run(["containers", "info", "--", container_id])
+        if proc.returncode != 0:
+            if classify(proc.stderr).outcome is Outcome.NOT_FOUND:
+                return None
+            raise CtrError([self.settings.ctr, "containers", "info", container_id], proc.returncode, proc.stderr)
+        return parse_container_info(proc.stdout)
+
+    def tasks(self) -> tuple[Task, ...]:
+        return tuple(
+            Task(id=r["TASK"], pid=_int_or_none(r.get("PID", "")), status=_status(r.get("STATUS", "")))
+            for r in parse_table(self.output(["tasks", "ls"]))
+        )
+
+    # -- removing ------------------------------------------------------------------
+
+    def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
+        """Remove snapshots, many per call; a call stops at its first failure, so go on after it."""
+        results: dict[str, Result] = {}
+        for chunk in chunk_args(keys):
+            pending = list(chunk)
+            while pending:
+                proc = self.run(["snapshots", "--snapshotter", self.settings.snapshotter, "rm", "--", *pending])
+                if proc.returncode == 0:
+                    results.update((k, Result(Outcome.REMOVED)) for k in pending)
+                    break
+                failed_at = _failed_snapshot_index(proc.stderr, pending)
+                if failed_at is None:
+                    # We cannot tell which key failed: report them all as untried;
+                    # the next observation says which are gone.
+                    message = _last_error(proc.stderr)
+                    results.update((k, Result(Outcome.NOT_TRIED, message)) for k in pending)
+                    break
+                results.update((k, Result(Outcome.REMOVED)) for k in pending[:failed_at])
+                results[pending[failed_at]] = classify(proc.stderr)
+                pending = pending[failed_at + 1 :]
+        return results
+
+    def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]:
+        """``tasks delete --force``: kills a running task, then deletes it."""
+        return self._remove_each(["tasks", "delete", "--force"], ids, _TASK_FAILURE)
+
+    def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]:
+        """``containers rm --keep-snapshot``: the snapshot is judged on its own."""
+        return self._remove_each(["containers", "rm", "--keep-snapshot"], ids, _CONTAINER_FAILURE)
+
+    def _remove_each(self, command: list[str], ids: Sequence[str], pattern: re.Pattern[str]) -> dict[str, Result]:
+        results: dict[str, Result] = {}
+        for chunk in chunk_args(ids):
+            proc = self.run([*command, "--", *chunk])
+            failures = _logged_failures(proc.stderr, pattern)
+            for i in chunk:
+                results[i] = failures.get(i, Result(Outcome.REMOVED))
+            if proc.returncode != 0 and not failures:
+                message = _last_error(proc.stderr)
+                results.update((i, Result(Outcome.NOT_TRIED, message)) for i in chunk)
+        return results
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """Rows of a tabwriter table as dicts keyed by the header's column names.
+
+    Cells are cut at the header's column starts, not split on blanks: a key may
+    hold spaces and an empty cell is only padding.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return []
+    header = lines[0]
+    columns = [(m.group(), m.start()) for m in re.finditer(r"\S+", header)]
+    rows = []
+    for line in lines[1:]:
+        row = {}
+        for i, (name, start) in enumerate(columns):
+            end = columns[i + 1][1] if i + 1 < len(columns) else None
+            # tabwriter pads with at least one blank, so the last char of a cell's
+            # slot is padding; strip only trailing blanks, keep inner spaces.
+            row[name] = line[start:end].rstrip(" ")
+        rows.append(row)
+    return rows
+
+
+def parse_container_info(text: str) -> Container:
+    """``ctr containers info`` JSON (containerd 1.6 to 2.x, Linux or Windows) as a record."""
+    data: dict[str, Any] = json.loads(text)
+    spec = data.get("Spec") or {}
+    root = spec.get("root") or {}
+    windows = spec.get("windows") or {}
+    created = data.get("CreatedAt")
+    return Container(
+        id=data["ID"],
+        image=data.get("Image") or "",
+        snapshot_key=data.get("SnapshotKey") or "",
+        snapshotter=data.get("Snapshotter") or "",
+        root_path=root.get("path") or "",
+        layer_folders=tuple(windows.get("layerFolders") or ()),
+        created_at=datetime.fromisoformat(created) if created else None,
+    )
+
+
+def classify(stderr: str) -> Result:
+    """Sort a ctr error into done, retry-after-children, or stuck."""
+    message = _last_error(stderr)
+    if "cannot remove snapshot with child" in message:
+        return Result(Outcome.HAS_CHILD, message)
+    if message.endswith("not found") or ": not found" in message or "does not exist" in message:
+        return Result(Outcome.NOT_FOUND, message)
+    return Result(Outcome.FAILED, message)
+
+
+def chunk_args(names: Iterable[str], budget: int = platform.MAX_COMMAND_CHARS) -> Iterator[list[str]]:
+    """Split names into runs whose command line stays under the platform's limit."""
+    chunk: list[str] = []
+    size = 0
+    for name in names:
+        cost = len(name) + 3  # a separating blank and possible quotes
+        if chunk and size + cost > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(name)
+        size += cost
+    if chunk:
+        yield chunk
+
+
+def go_quote(s: str) -> str:
+    """Go's ``%q`` of a string, as ctr prints names in its messages."""
+    out = ['"']
+    for ch in s:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append("\\ufffd")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+_TASK_FAILURE = re.compile(r"^(?:failed to load task from|unable to delete) (?P<id>\S+)")
+_CONTAINER_FAILURE = re.compile(r'^failed to delete container "(?P<id>[^"]+)"')
+_LOGFMT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def _logged_failures(stderr: str, pattern: re.Pattern[str]) -> dict[str, Result]:
+    failures = {}
+    for line in stderr.splitlines():
+        fields = {k: _unquote(v) for k, v in _LOGFMT_FIELD.findall(line)}
+        if fields.get("level") != "error" or "msg" not in fields:
+            continue
+        m = pattern.match(fields["msg"])
+        if m:
+            failures[m.group("id")] = classify(fields.get("error", fields["msg"]))
+    return failures
+
+
+def _failed_snapshot_index(stderr: str, keys: Sequence[str]) -> int | None:
+    message = _last_error(stderr)
+    for i, key in enumerate(keys):
+        if message.startswith(f"failed to remove {go_quote(key)}:"):
+            return i
+    return None
+
+
+def _last_error(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("ctr: "):
+            return line[len("ctr: ") :]
+    return lines[-1] if lines else ""
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            decoded = json.loads(value)
+            return decoded if isinstance(decoded, str) else value[1:-1]
+        except json.JSONDecodeError:
+            return value[1:-1]
+    return value
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _status(text: str) -> TaskStatus:
+    try:
+        return TaskStatus(text.strip().upper())
+    except ValueError:
+        return TaskStatus.UNKNOWN

@@ -1,0 +1,129 @@
+"""Runs one plan: containers, then snapshots level by level, then store directories.
+
+Each step is idempotent ("not found" is done). A step whose prerequisites failed
+is skipped, not forced: the next pass observes again and decides afresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from controller.containerd import ContainerdActuator
+from controller.ctr import Outcome, Result
+from controller.plan import ObjectKind, Plan
+from controller.records import TaskStatus
+
+
+class StoreActuator(Protocol):
+    def remove_tmp_entry(self, entry_id: str) -> Result: ...
+
+    def remove_cache_tmp(self, name: str) -> Result: ...
+
+
+class Reporter:
+    """Hooks the executor and reconciler call; this base does nothing.
+
+    Logs, progress, metrics and the status file subclass it, so the core never
+    prints or measures anything itself.
+    """
+
+    def pass_started(self, number: int, plan: Plan) -> None:
+        """A pass has planned and is about to act."""
+
+    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
+        """One object is gone (``outcome`` is REMOVED or NOT_FOUND)."""
+
+    def failed(self, kind: ObjectKind, name: str, result: Result) -> None:
+        """One removal did not happen; the next pass will look again."""
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    kind: ObjectKind
+    name: str
+    outcome: Outcome
+    message: str = ""
+
+
+@dataclass
+class PassResult:
+    results: list[ActionResult] = field(default_factory=list)
+
+    @property
+    def progress(self) -> int:
+        """Objects that this pass actually removed."""
+        return sum(1 for r in self.results if r.outcome is Outcome.REMOVED)
+
+    def failures(self) -> list[ActionResult]:
+        return [r for r in self.results if not r.outcome.done]
+
+
+def execute(
+    plan: Plan,
+    containerd: ContainerdActuator,
+    store: StoreActuator,
+    reporter: Reporter | None = None,
+) -> PassResult:
+    report = reporter or Reporter()
+    out = PassResult()
+    reasons: dict[tuple[ObjectKind, str], str] = {}
+
+    def record(kind: ObjectKind, name: str, result: Result) -> None:
+        out.results.append(ActionResult(kind, name, result.outcome, result.message))
+        if result.outcome.done:
+            report.removed(kind, name, reasons.get((kind, name), ""), result.outcome)
+        else:
+            report.failed(kind, name, result)
+
+    # 1. Containers: kill and delete their tasks, then the containers.
+    for c in plan.containers:
+        reasons[("container", c.id)] = c.reason
+    with_task = [c.id for c in plan.containers if c.task is not TaskStatus.ABSENT]
+    task_results = containerd.delete_tasks(with_task) if with_task else {}
+    container_ids = [c.id for c in plan.containers]
+    if container_ids:
+        for cid, result in containerd.remove_containers(container_ids).items():
+            task = task_results.get(cid)
+            if not result.outcome.done and task is not None and not task.outcome.done:
+                result = Result(result.outcome, f"{result.message} (deleting its task: {task.message})")
+            record("container", cid, result)
+
+    # 2. Snapshots, leaves first. A parent whose child failed this pass would only
+    #    fail too (and cut the batch short), so it waits for the next pass.
+    failed: set[str] = set()
+    blocked: dict[str, str] = {}
+    for level in plan.snapshot_levels:
+        keys = []
+        for s in level:
+            reasons[("snapshot", s.key)] = s.reason
+            if s.key in blocked:
+                record("snapshot", s.key, Result(Outcome.NOT_TRIED, f"waiting for its child {blocked[s.key]}"))
+                failed.add(s.key)
+                if s.parent is not None:
+                    blocked[s.parent] = s.key
+            else:
+                keys.append(s.key)
+        parent_of = {s.key: s.parent for s in level}
+        for key, result in containerd.remove_snapshots(keys).items() if keys else ():
+            record("snapshot", key, result)
+            if not result.outcome.done:
+                failed.add(key)
+                parent = parent_of.get(key)
+                if parent is not None:
+                    blocked[parent] = key
+
+    # 3. result-tmp/ entries, once the snapshots they name are gone.
+    for t in plan.tmp_entries:
+        reasons[("result-tmp", t.id)] = t.reason
+        waiting = [k for k in t.after if k in failed]
+        if waiting:
+            record("result-tmp", t.id, Result(Outcome.NOT_TRIED, f"waiting for snapshot {', '.join(waiting)}"))
+            continue
+        record("result-tmp", t.id, store.remove_tmp_entry(t.id))
+
+    # 4. cache-tmp/ leftovers (boot only; the planner decides).
+    for leftover in plan.cache_tmp:
+        reasons[("cache-tmp", leftover.name)] = leftover.reason
+        record("cache-tmp", leftover.name, store.remove_cache_tmp(leftover.name))
+    return out

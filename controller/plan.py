@@ -1,0 +1,133 @@
+"""The plan: what one pass will remove, in order, and why everything else stays.
+
+Purely data: the planner builds a :class:`Plan`, the executor runs it, the report
+renders it. Every action and every decision carries a reason a human can read.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from controller.records import Record, TaskStatus
+
+
+class Mode(StrEnum):
+    """Boot: the worker is not running, so every leftover is dead. Daemon: a worker may be live."""
+
+    BOOT = "boot"
+    DAEMON = "daemon"
+
+
+ObjectKind = Literal["snapshot", "container", "result", "result-tmp", "cache-tmp"]
+
+
+class Decision(Record):
+    """Why one object stays or goes: the answer to ``--explain``."""
+
+    kind: ObjectKind
+    name: str
+    keep: bool
+    #: Short rule name: ``result``, ``live-build``, ``protected``, ``container``,
+    #: ``ancestor``, ``grace``, ``foreign-child``, ``unreadable-layerinfo``, ``orphan``...
+    rule: str
+    reason: str
+
+
+class ContainerRemoval(Record):
+    """Remove a container (and kill its task first, if it has one).
+
+    Its own snapshot is always kept by the removal (``--keep-snapshot``) and judged
+    like every other snapshot, so a snapshot with children or a kept one is never
+    deleted as a side effect.
+    """
+
+    id: str
+    task: TaskStatus
+    reason: str
+
+
+class SnapshotRemoval(Record):
+    key: str
+    parent: str | None = None
+    reason: str
+
+
+class TmpRemoval(Record):
+    id: str
+    #: Snapshot keys that must be gone (or kept) before the directory goes: the
+    #: directory is the only record of which snapshot the build used.
+    after: tuple[str, ...]
+    reason: str
+
+
+class CacheTmpRemoval(Record):
+    name: str
+    reason: str
+
+
+class StoreDrift(Record):
+    """Disagreements inside the store that containerd cannot explain (reported, not repaired)."""
+
+    rows_without_result: tuple[str, ...] = ()
+    results_without_row: tuple[str, ...] = ()
+    results_missing_snapshot: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return len(self.rows_without_result) + len(self.results_without_row) + len(self.results_missing_snapshot)
+
+
+class Plan(Record):
+    mode: Mode
+    containers: tuple[ContainerRemoval, ...] = ()
+    #: Orphan snapshots by level, leaves first: every key of a level may be removed
+    #: once all earlier levels are gone, so one ``ctr`` call per level suffices.
+    snapshot_levels: tuple[tuple[SnapshotRemoval, ...], ...] = ()
+    tmp_entries: tuple[TmpRemoval, ...] = ()
+    cache_tmp: tuple[CacheTmpRemoval, ...] = ()
+    #: Orphans left for a later pass by ``maxDeletionsPerPass``.
+    deferred: tuple[str, ...] = ()
+    decisions: tuple[Decision, ...] = Field(default=(), repr=False)
+    drift: StoreDrift = StoreDrift()
+    #: Things a human must look at that block no action (an unreadable layerinfo...).
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def snapshots(self) -> tuple[SnapshotRemoval, ...]:
+        return tuple(s for level in self.snapshot_levels for s in level)
+
+    @property
+    def action_count(self) -> int:
+        return (
+            len(self.containers)
+            + sum(len(level) for level in self.snapshot_levels)
+            + len(self.tmp_entries)
+            + len(self.cache_tmp)
+        )
+
+    @property
+    def empty(self) -> bool:
+        return self.action_count == 0
+
+    def decision_for(self, name: str) -> list[Decision]:
+        return [d for d in self.decisions if d.name == name]
+
+
+class PlanOptions(Record):
+    """What the planner needs to know beyond the observation: ownership, protection, timing."""
+
+    snapshot_prefix: str = "obuilder-"
+    container_prefix: str = "obuilder-run-"
+    #: Globs (fnmatch, case-sensitive) over snapshot keys that are never removed.
+    protect_keys: tuple[str, ...] = ()
+    #: Base image references, protected as ``obuilder-base-SHA256`` and its ``-committed``.
+    protect_images: tuple[str, ...] = ()
+    grace_period: timedelta = timedelta(minutes=10)
+    stale_after: timedelta = timedelta(hours=6)
+    #: Daemon mode: a running task older than this is killed. None: never.
+    max_task_age: timedelta | None = None
+    max_deletions_per_pass: int | None = None

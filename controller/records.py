@@ -1,0 +1,141 @@
+"""Immutable records of what the observers saw: the store and containerd.
+
+Purely data: no I/O. Observers build these; the planner reads them; a JSON case
+in ``tests/cases`` is the same records serialised, so a fake world can stand in
+for the real one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LayerInfo(Record):
+    """OBuilder's ``layerinfo``: which snapshot backs a build step, and its folders."""
+
+    snapshot_key: str
+    source: str
+    parent_layer_paths: tuple[str, ...]
+
+
+class StoreEntry(Record):
+    """One directory under ``result/`` or ``result-tmp/``."""
+
+    id: str
+    area: Literal["result", "result-tmp"]
+    layerinfo: LayerInfo | None = None
+    layerinfo_path: str | None = None
+    #: Set when a layerinfo exists but does not parse ("path:line:column: message").
+    layerinfo_error: str | None = None
+    #: ``rootfs/`` exists: a base image (pulled) rather than a build step.
+    has_rootfs: bool = False
+    #: The entry itself is a symlink or junction (never followed when removing).
+    is_link: bool = False
+    #: The newest modification time seen in the entry (for ``staleAfter``).
+    changed_at: datetime | None = None
+
+    @property
+    def fallback_keys(self) -> tuple[str, ...]:
+        """Keys OBuilder uses when there is no layerinfo: ``obuilder-ID``, bases ``obuilder-base-ID``."""
+        if self.has_rootfs:
+            return (f"obuilder-base-{self.id}", f"obuilder-{self.id}")
+        return (f"obuilder-{self.id}",)
+
+    @property
+    def snapshot_keys(self) -> tuple[str, ...]:
+        """The active snapshot keys this entry may stand for."""
+        if self.layerinfo is not None:
+            return (self.layerinfo.snapshot_key,)
+        return self.fallback_keys
+
+
+class DbRow(Record):
+    """A row of OBuilder's ``builds`` table."""
+
+    id: str
+    rc: int | None = None
+    used: str | None = None
+    parent: str | None = None
+
+
+class StoreState(Record):
+    """Everything the store observer read, in one pass."""
+
+    root: str
+    results: tuple[StoreEntry, ...] = ()
+    tmp: tuple[StoreEntry, ...] = ()
+    cache_tmp: tuple[str, ...] = ()
+    db_rows: tuple[DbRow, ...] = ()
+
+
+class TaskStatus(StrEnum):
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    CREATED = "CREATED"
+    PAUSED = "PAUSED"
+    PAUSING = "PAUSING"
+    UNKNOWN = "UNKNOWN"
+    ABSENT = "ABSENT"
+
+
+class Snapshot(Record):
+    key: str
+    parent: str | None = None
+    kind: str = "Committed"
+
+
+class Container(Record):
+    """An owned container, from ``ctr containers info``.
+
+    A non-owned container is listed by id only: we never ask containerd about it.
+    """
+
+    id: str
+    image: str = ""
+    snapshot_key: str = ""
+    snapshotter: str = ""
+    #: ``Spec.root.path`` (Linux: equals a snapshot's mount source with ``ctr run --rootfs``).
+    root_path: str = ""
+    #: ``Spec.windows.layerFolders``: parents first, the step's own folder last.
+    layer_folders: tuple[str, ...] = ()
+    created_at: datetime | None = None
+
+
+class Task(Record):
+    id: str
+    pid: int | None = None
+    status: TaskStatus = TaskStatus.UNKNOWN
+
+
+class ContainerdState(Record):
+    """Everything the containerd observer read, in one pass."""
+
+    snapshots: tuple[Snapshot, ...] = ()
+    containers: tuple[Container, ...] = ()
+    #: Ids of containers we do not own: listed so we know they exist, never inspected.
+    foreign_containers: tuple[str, ...] = ()
+    tasks: tuple[Task, ...] = ()
+
+
+class History(Record):
+    """What the loop remembers between passes (daemon mode): when things were first seen.
+
+    Empty at boot. Keys are snapshot keys and container ids.
+    """
+
+    snapshots_first_seen: dict[str, datetime] = {}
+    containers_idle_since: dict[str, datetime] = {}
+
+
+class Observation(Record):
+    store: StoreState
+    containerd: ContainerdState
+    history: History = History()

@@ -1,0 +1,124 @@
+"""Renders plans, summaries and explanations for people (text) and machines (JSON)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from typing import Any
+
+from controller.plan import Decision, Plan
+from controller.reconciler import Summary
+
+_SHOWN = 8
+_NOUNS = {
+    "container": ("container", "containers"),
+    "snapshot": ("snapshot", "snapshots"),
+    "result-tmp": ("result-tmp entry", "result-tmp entries"),
+    "cache-tmp": ("cache-tmp entry", "cache-tmp entries"),
+}
+
+
+def count(n: int, kind: str) -> str:
+    one, many = _NOUNS.get(kind, (kind, kind + "s"))
+    return f"{n} {one if n == 1 else many}"
+
+
+def _names(names: list[str], verbose: bool) -> str:
+    if verbose or len(names) <= _SHOWN:
+        return ", ".join(names)
+    return ", ".join(names[:_SHOWN]) + f", ... and {len(names) - _SHOWN} more"
+
+
+def render_plan(plan: Plan, *, verbose: bool = False) -> str:
+    lines = []
+    levels = plan.snapshot_levels
+    head = [
+        count(len(plan.containers), "container"),
+        count(sum(len(level) for level in levels), "snapshot")
+        + (f" in {len(levels)} level{'s' if len(levels) != 1 else ''}, leaves first" if levels else ""),
+        count(len(plan.tmp_entries), "result-tmp"),
+        count(len(plan.cache_tmp), "cache-tmp"),
+    ]
+    lines.append(f"Plan ({plan.mode.value} mode): remove {', '.join(head)}.")
+    for c in plan.containers:
+        lines.append(f"  remove container {c.id}: {c.reason}")
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for s in plan.snapshots:
+        by_reason[s.reason].append(s.key)
+    for reason, keys in by_reason.items():
+        lines.append(f"  remove {count(len(keys), 'snapshot')} ({_names(keys, verbose)}): {reason}")
+    for t in plan.tmp_entries:
+        lines.append(f"  remove result-tmp/{t.id}: {t.reason}")
+    for ct in plan.cache_tmp:
+        lines.append(f"  remove cache-tmp/{ct.name}: {ct.reason}")
+    if plan.deferred:
+        lines.append(f"  defer {count(len(plan.deferred), 'snapshot')} to a later pass (maxDeletionsPerPass)")
+    kept = [d for d in plan.decisions if d.keep and d.kind == "snapshot"]
+    if kept:
+        rules = Counter(d.rule for d in kept)
+        detail = ", ".join(f"{n} {rule}" for rule, n in rules.most_common())
+        lines.append(f"Keep {count(len(kept), 'snapshot')} ({detail}).")
+        for d in kept:
+            if d.rule == "protected" or verbose:
+                lines.append(f"  keep {d.name}: {d.reason}")
+    kept_containers = [d for d in plan.decisions if d.keep and d.kind == "container"]
+    for d in kept_containers:
+        lines.append(f"  keep container {d.name}: {d.reason}")
+    lines += _render_drift_and_warnings(plan)
+    return "\n".join(lines)
+
+
+def _render_drift_and_warnings(plan: Plan) -> list[str]:
+    d = plan.drift
+    groups = [
+        (d.rows_without_result, "DB rows without a result/ directory"),
+        (d.results_without_row, "result/ directories without a DB row (OBuilder will never prune them)"),
+        (
+            d.results_missing_snapshot,
+            "results whose committed snapshot is missing (OBuilder would take them as cache hits and the build fail)",
+        ),
+    ]
+    lines = ["Store drift (reported, not repaired):"] if d.total else []
+    lines += [f"  {len(ids)} {what}: {_names(list(ids), False)}" for ids, what in groups if ids]
+    lines += [f"Warning: {w}" for w in plan.warnings]
+    return lines
+
+
+def render_summary(summary: Summary) -> str:
+    removed = ", ".join(count(n, kind) for kind, n in summary.removed.items())
+    calls = f", {summary.ctr_calls} ctr calls" if summary.ctr_calls is not None else ""
+    if summary.dry_run:
+        verdict = "nothing to do" if summary.exit_code == 0 else "drift found (dry run: nothing changed)"
+        lines = [f"Dry run in {summary.seconds:.2f} s{calls}: {verdict}."]
+    else:
+        verdict = "converged" if summary.converged else "did NOT converge"
+        passes = f"{summary.passes} pass{'es' if summary.passes != 1 else ''}"
+        lines = [
+            f"Reconciled in {summary.seconds:.2f} s, {passes}{calls}: "
+            f"removed {removed}; {summary.kept_snapshots} owned snapshots kept; {verdict}."
+        ]
+    if summary.stuck:
+        lines.append(f"Stuck ({len(summary.stuck)}):")
+        lines += [f"  {s.kind} {s.name}: {s.reason}" for s in summary.stuck]
+    return "\n".join(lines)
+
+
+def render_explain(name: str, decisions: list[Decision], *, present: bool, mode_note: str) -> str:
+    if not decisions:
+        if present:
+            return f"{name}: not owned (its name lacks the owned prefix), so it is never touched."
+        return f"{name}: no snapshot, container or store entry by that name was found."
+    lines = []
+    for d in decisions:
+        verdict = "kept" if d.keep else "would be removed"
+        lines.append(f"{d.kind} {name}: {verdict} [rule: {d.rule}]: {d.reason}")
+    lines.append(mode_note)
+    return "\n".join(lines)
+
+
+def to_json(plan: Plan, summary: Summary | None) -> str:
+    doc: dict[str, Any] = {"plan": plan.model_dump(mode="json", exclude={"decisions"})}
+    doc["plan"]["kept"] = [d.model_dump(mode="json") for d in plan.decisions if d.keep]
+    if summary is not None:
+        doc["summary"] = summary.model_dump(mode="json") | {"exit_code": summary.exit_code}
+    return json.dumps(doc, indent=2)

@@ -1,0 +1,175 @@
+"""The store observer: reads an OBuilder HCS store into a :class:`StoreState`.
+
+Reads only. The DB is opened read-only with a busy timeout because the worker
+writes it; entries that are symlinks or junctions are recorded, never followed.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+from controller import platform
+from controller.errors import LayerinfoError, StoreReadError, StoreSanityError
+from controller.records import DbRow, LayerInfo, StoreEntry, StoreState
+from controller.sexp import Node, SexpSyntaxError, parse_one, position
+
+DB_PATH = ("state", "db", "db.sqlite")
+_FIELDS = ("snapshot_key", "source", "parent_layer_paths")
+
+
+def read_layerinfo(path: str | os.PathLike[str]) -> LayerInfo:
+    """Parse one layerinfo file (Sexplib's ``to_string_hum`` of OBuilder's record).
+
+    Raises :class:`LayerinfoError` with the file, line and column when it does not parse.
+    """
+    shown = os.fspath(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise LayerinfoError(shown, 1, 1, f"cannot read: {e.strerror or e}") from e
+    try:
+        node = parse_one(data)
+    except SexpSyntaxError as e:
+        raise LayerinfoError(shown, e.line, e.column, e.message) from e
+    return _decode_layerinfo(node, data, shown)
+
+
+def _decode_layerinfo(node: Node, data: bytes, shown: str) -> LayerInfo:
+    def fail(at: Node, message: str) -> LayerinfoError:
+        line, column = position(data, at.offset)
+        return LayerinfoError(shown, line, column, message)
+
+    if node.items is None:
+        raise fail(node, "expected a record ((snapshot_key ...) (source ...) (parent_layer_paths (...)))")
+    found: dict[str, Node] = {}
+    for item in node.items:
+        if item.items is None or len(item.items) != 2 or item.items[0].atom is None:
+            raise fail(item, "expected a field (NAME VALUE)")
+        name = item.items[0].atom
+        if name in found:
+            raise fail(item, f"duplicate field {name}")
+        found[name] = item.items[1]
+    for name in _FIELDS:
+        if name not in found:
+            raise fail(node, f"missing field {name}")
+    for name in ("snapshot_key", "source"):
+        if found[name].atom is None:
+            raise fail(found[name], f"field {name}: expected an atom, found a list")
+    paths = found["parent_layer_paths"]
+    if paths.items is None:
+        raise fail(paths, "field parent_layer_paths: expected a list, found an atom")
+    parents: list[str] = []
+    for p in paths.items:
+        if p.atom is None:
+            raise fail(p, "field parent_layer_paths: expected atoms, found a list")
+        parents.append(p.atom)
+    key = found["snapshot_key"].atom
+    source = found["source"].atom
+    assert key is not None and source is not None
+    if not key:
+        raise fail(found["snapshot_key"], "field snapshot_key is empty")
+    return LayerInfo(snapshot_key=key, source=source, parent_layer_paths=tuple(parents))
+
+
+def layerinfo_candidates(entry: Path) -> tuple[Path, Path]:
+    """Where OBuilder looks, in order: bases use ``rootfs/layerinfo``, steps ``layerinfo``."""
+    return entry / "rootfs" / "layerinfo", entry / "layerinfo"
+
+
+def check_store(root: Path) -> None:
+    """Refuse a root that does not look like an OBuilder store.
+
+    An unmounted volume or a mistyped path would make everything look orphaned.
+    """
+    problems = []
+    if not (root / "result").is_dir():
+        problems.append(f"{root / 'result'} is not a directory")
+    if not root.joinpath(*DB_PATH).is_file():
+        problems.append(f"{root.joinpath(*DB_PATH)} is not a file")
+    if problems:
+        raise StoreSanityError(f"{root} does not look like an OBuilder store ({'; '.join(problems)}); refusing to act")
+
+
+def observe_store(root: Path, *, busy_timeout: float = 5.0) -> StoreState:
+    """Read result/, result-tmp/, cache-tmp/ and the DB. Checks sanity first."""
+    check_store(root)
+    return StoreState(
+        root=str(root),
+        results=tuple(_read_entries(root / "result", "result")),
+        tmp=tuple(_read_entries(root / "result-tmp", "result-tmp")),
+        cache_tmp=tuple(sorted(_names(root / "cache-tmp"))),
+        db_rows=read_db(root.joinpath(*DB_PATH), busy_timeout=busy_timeout),
+    )
+
+
+def read_db(path: Path, *, busy_timeout: float = 5.0) -> tuple[DbRow, ...]:
+    """All rows of ``builds``, read through a read-only connection."""
+    uri = path.absolute().as_uri() + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout)
+    except sqlite3.Error as e:
+        raise StoreReadError(f"{path}: cannot open read-only: {e}") from e
+    try:
+        rows = conn.execute("SELECT id, rc, used, parent FROM builds").fetchall()
+    except sqlite3.Error as e:
+        raise StoreReadError(f"{path}: cannot read table builds: {e}") from e
+    finally:
+        conn.close()
+    return tuple(
+        DbRow(id=str(i), rc=rc, used=None if used is None else str(used), parent=parent) for i, rc, used, parent in rows
+    )
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise StoreReadError(f"{folder}: {e.strerror or e}") from e
+
+
+def _read_entries(folder: Path, area: str) -> list[StoreEntry]:
+    out = []
+    for name in sorted(_names(folder)):
+        out.append(_read_entry(folder / name, area))
+    return out
+
+
+def _read_entry(path: Path, area: str) -> StoreEntry:
+    st = path.lstat()
+    link = platform.is_link(st)
+    fields: dict[str, object] = {"id": path.name, "area": area, "is_link": link}
+    if link or not stat.S_ISDIR(st.st_mode):
+        # Never read through a link: it could point anywhere.
+        return StoreEntry.model_validate(fields)
+    fields["has_rootfs"] = (path / "rootfs").is_dir()
+    for candidate in layerinfo_candidates(path):
+        if candidate.is_file():
+            fields["layerinfo_path"] = str(candidate)
+            try:
+                fields["layerinfo"] = read_layerinfo(candidate)
+            except LayerinfoError as e:
+                fields["layerinfo_error"] = str(e)
+            break
+    if area == "result-tmp":
+        fields["changed_at"] = _newest_change(path, st)
+    return StoreEntry.model_validate(fields)
+
+
+def _newest_change(path: Path, st: os.stat_result) -> datetime:
+    # A build writes its log and layers here: the newest mtime near the top tells
+    # whether anything still happens, without walking a whole rootfs.
+    newest = st.st_mtime
+    for folder in (path, path / "rootfs"):
+        try:
+            with os.scandir(folder) as it:
+                for child in it:
+                    newest = max(newest, child.stat(follow_symlinks=False).st_mtime)
+        except OSError:
+            continue
+    return datetime.fromtimestamp(newest, tz=UTC)
