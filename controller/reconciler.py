@@ -21,6 +21,9 @@ from controller.planner import plan as make_plan
 from controller.records import Observation, Record
 
 
+_KINDS = ("container", "snapshot", "result-tmp", "cache-tmp")
+
+
 class Stuck(Record):
     kind: ObjectKind
     name: str
@@ -33,6 +36,9 @@ class Summary(Record):
     converged: bool
     passes: int
     removed: dict[str, int]
+    #: Planned but gone before we got there (containerd's own GC takes a removed
+    #: container's snapshot, for one): done all the same.
+    already_gone: dict[str, int]
     planned: dict[str, int]
     kept_snapshots: int
     stuck: tuple[Stuck, ...]
@@ -76,6 +82,7 @@ def reconcile(
     observation = observe()
     first = current = make_plan(observation, options, now(), mode)
     removed: Counter[str] = Counter()
+    gone: Counter[str] = Counter()
     last_failure: dict[tuple[str, str], ActionResult] = {}
     passes = 0
     limit_hit = False
@@ -89,6 +96,8 @@ def reconcile(
         for r in result.results:
             if r.outcome is Outcome.REMOVED:
                 removed[r.kind] += 1
+            elif r.outcome is Outcome.NOT_FOUND:
+                gone[r.kind] += 1
             if r.outcome.done:
                 last_failure.pop((r.kind, r.name), None)
             else:
@@ -107,7 +116,8 @@ def reconcile(
         dry_run=dry_run,
         converged=current.empty,
         passes=passes,
-        removed={k: removed.get(k, 0) for k in ("container", "snapshot", "result-tmp", "cache-tmp")},
+        removed={k: removed.get(k, 0) for k in _KINDS},
+        already_gone={k: gone.get(k, 0) for k in _KINDS},
         planned=count_planned(first),
         kept_snapshots=sum(1 for d in current.decisions if d.kind == "snapshot" and d.keep),
         stuck=tuple(stuck),

@@ -107,8 +107,18 @@ def observe_store(root: Path, *, busy_timeout: float = 5.0) -> StoreState:
 
 
 def read_db(path: Path, *, busy_timeout: float = 5.0) -> tuple[DbRow, ...]:
-    """All rows of ``builds``, read through a read-only connection."""
-    uri = path.absolute().as_uri() + "?mode=ro"
+    """All rows of ``builds``, read through a read-only connection.
+
+    OBuilder keeps the DB in WAL mode. While the worker has it open, its ``-wal``
+    and ``-shm`` files exist and a ``mode=ro`` reader shares them. When they do
+    not exist (no worker, or it closed cleanly), every row is in the main file and
+    a plain reader would create them: ``immutable=1`` reads without creating
+    anything. A worker starting mid-read can at worst skew the drift report, as
+    rows never decide what is kept.
+    """
+    wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
+    shared = wal.exists() and shm.exists()
+    uri = path.absolute().as_uri() + ("?mode=ro" if shared else "?mode=ro&immutable=1")
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout)
     except sqlite3.Error as e:

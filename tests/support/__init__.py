@@ -1,0 +1,1 @@
+"""Test helpers: a private containerd, a busybox image, an OBuilder-like world."""

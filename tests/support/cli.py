@@ -1,0 +1,46 @@
+"""Run ``reconcile`` as a user does: a separate process, its exit code, its output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def reconcile(*args: str, timeout: float = 240) -> Run:
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller", *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def reconcile_on(cd: PrivateContainerd, namespace: str, store: Path, *args: str) -> Run:
+    """``reconcile`` pointed at a private containerd and a store."""
+    return reconcile(
+        "--store", str(store),
+        "--address", cd.address,
+        "--namespace", namespace,
+        "--snapshotter", SNAPSHOTTER,
+        *args,
+    )  # fmt: skip
