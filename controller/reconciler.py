@@ -20,7 +20,6 @@ from controller.plan import Mode, ObjectKind, Plan, PlanOptions, StoreDrift
 from controller.planner import plan as make_plan
 from controller.records import Observation, Record
 
-
 _KINDS = ("container", "snapshot", "result-tmp", "cache-tmp")
 
 

@@ -8,6 +8,7 @@ under the folder and removes the folder, even after a failed test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -221,10 +222,8 @@ class PrivateContainerd:
             except OSError:
                 continue
             if b"containerd-shim" in cmdline and needle in cmdline:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     def _unmount_all(self) -> None:
         prefix = str(self.base)
