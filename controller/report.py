@@ -91,7 +91,12 @@ def render_summary(summary: Summary) -> str:
         verdict = "nothing to do" if summary.exit_code == 0 else "drift found (dry run: nothing changed)"
         lines = [f"Dry run in {summary.seconds:.2f} s{calls}: {verdict}."]
     else:
-        verdict = "converged" if summary.converged else "did NOT converge"
+        if not summary.converged:
+            verdict = "did NOT converge"
+        elif summary.stuck:
+            verdict = "converged, but what is listed below needs a human"
+        else:
+            verdict = "converged"
         passes = f"{summary.passes} pass{'es' if summary.passes != 1 else ''}"
         gone = sum(summary.already_gone.values())
         if gone:

@@ -125,8 +125,12 @@ def read_db(path: Path, *, busy_timeout: float = 5.0) -> tuple[DbRow, ...]:
         raise StoreReadError(f"{path}: cannot open read-only: {e}") from e
     try:
         rows = conn.execute("SELECT id, rc, used, parent FROM builds").fetchall()
-    except sqlite3.Error as e:
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e) or "no such column" in str(e):
+            raise StoreSanityError(f"{path} is not OBuilder's DB ({e}); refusing to act") from e
         raise StoreReadError(f"{path}: cannot read table builds: {e}") from e
+    except sqlite3.DatabaseError as e:
+        raise StoreSanityError(f"{path} is not OBuilder's DB ({e}); refusing to act") from e
     finally:
         conn.close()
     return tuple(

@@ -1,7 +1,8 @@
 """A private containerd for one test session (or one demo), and its clean-up.
 
 Everything lives under one temp folder: root, state, socket, runc state, ctr's
-fifos, the log. It never talks to the machine's own containerd. Stopping it
+fifos, the log; the daemon runs in its own mount namespace with a private
+``/run``. It never talks to, or writes beside, the machine's own containerd. Stopping it
 kills the tasks, the daemon and any shim it left, unmounts what is mounted
 under the folder and removes the folder, even after a failed test.
 """
@@ -28,7 +29,7 @@ class ContainerdUnavailable(RuntimeError):
 
 
 def missing_tools() -> list[str]:
-    missing = [t for t in ("containerd", "ctr", "runc") if shutil.which(t) is None]
+    missing = [t for t in ("containerd", "ctr", "runc", "unshare") if shutil.which(t) is None]
     if not Path("/bin/busybox").exists():
         missing.append("/bin/busybox (busybox-static)")
     if os.geteuid() != 0:
@@ -87,8 +88,14 @@ class PrivateContainerd:
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
+            # containerd 1.6 puts shim sockets under /run/containerd/s whatever its
+            # config says; a private mount namespace with its own /run keeps even
+            # those off the machine's containerd folder.
             self._proc = subprocess.Popen(
-                ["containerd", "--config", str(config)],
+                [
+                    "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    'mount -t tmpfs obr-run /run && exec containerd --config "$1"', "sh", str(config),
+                ],  # fmt: skip
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

@@ -1,0 +1,103 @@
+"""An in-memory containerd and store with containerd's rules, for fast planner tests.
+
+Rules kept: a snapshot with a child cannot be removed; removing what is gone is
+"not found"; a container's task must be deleted (``--force`` kills it) before the
+container; ``containers rm --keep-snapshot`` leaves the snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from controller.ctr import Outcome, Result
+from controller.records import Container, ContainerdState, Snapshot, StoreState, Task, TaskStatus
+
+
+@dataclass
+class FakeContainerd:
+    parents: dict[str, str | None] = field(default_factory=dict)
+    containers: dict[str, Container] = field(default_factory=dict)
+    tasks: dict[str, TaskStatus] = field(default_factory=dict)
+    calls: int = 0
+    #: Keys containerd refuses "with child" although none is listed (the known bug).
+    phantom_children: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_state(cls, state: ContainerdState) -> FakeContainerd:
+        return cls(
+            parents={s.key: s.parent for s in state.snapshots},
+            containers={c.id: c for c in state.containers},
+            tasks={t.id: t.status for t in state.tasks},
+        )
+
+    def observe(self) -> ContainerdState:
+        return ContainerdState(
+            snapshots=tuple(Snapshot(key=k, parent=p) for k, p in self.parents.items()),
+            containers=tuple(self.containers.values()),
+            tasks=tuple(Task(id=i, status=s) for i, s in self.tasks.items()),
+        )
+
+    def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]:
+        self.calls += 1
+        out = {}
+        for i in ids:
+            out[i] = Result(Outcome.REMOVED) if self.tasks.pop(i, None) is not None else Result(Outcome.NOT_FOUND)
+        return out
+
+    def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]:
+        self.calls += 1
+        out = {}
+        for i in ids:
+            if i not in self.containers:
+                out[i] = Result(Outcome.NOT_FOUND, "not found")
+            elif self.tasks.get(i) in (TaskStatus.RUNNING, TaskStatus.PAUSED):
+                out[i] = Result(Outcome.FAILED, "cannot delete a non stopped container")
+            else:
+                del self.containers[i]
+                self.tasks.pop(i, None)
+                out[i] = Result(Outcome.REMOVED)
+        return out
+
+    def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
+        out: dict[str, Result] = {}
+        pending = list(keys)
+        while pending:  # like ctr: one call stops at the first failure
+            self.calls += 1
+            for n, key in enumerate(pending):
+                if key not in self.parents:
+                    out[key] = Result(Outcome.NOT_FOUND, "not found")
+                elif key in self.phantom_children or any(p == key for p in self.parents.values()):
+                    out[key] = Result(Outcome.HAS_CHILD, "cannot remove snapshot with child: failed precondition")
+                else:
+                    del self.parents[key]
+                    out[key] = Result(Outcome.REMOVED)
+                    continue
+                pending = pending[n + 1 :]
+                break
+            else:
+                pending = []
+        return out
+
+
+@dataclass
+class FakeStore:
+    state: StoreState
+    removed: list[str] = field(default_factory=list)
+
+    def observe(self) -> StoreState:
+        return self.state
+
+    def remove_tmp_entry(self, entry_id: str) -> Result:
+        before = len(self.state.tmp)
+        tmp = tuple(e for e in self.state.tmp if e.id != entry_id)
+        self.state = self.state.model_copy(update={"tmp": tmp})
+        self.removed.append(f"result-tmp/{entry_id}")
+        return Result(Outcome.REMOVED if len(tmp) < before else Outcome.NOT_FOUND)
+
+    def remove_cache_tmp(self, name: str) -> Result:
+        rest = tuple(n for n in self.state.cache_tmp if n != name)
+        found = len(rest) < len(self.state.cache_tmp)
+        self.state = self.state.model_copy(update={"cache_tmp": rest})
+        self.removed.append(f"cache-tmp/{name}")
+        return Result(Outcome.REMOVED if found else Outcome.NOT_FOUND)

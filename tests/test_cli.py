@@ -1,0 +1,127 @@
+"""The command a user runs: help, exit codes, --explain, --dry-run, settings precedence."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from controller.cli import build_parser, resolve_settings
+from controller.plan import Mode, PlanOptions
+from controller.reconciler import reconcile
+from controller.records import ContainerdState, Observation, Snapshot, StoreState
+from tests.support.cli import reconcile as run_cli
+from tests.support.cli import reconcile_on
+from tests.support.containerd import PrivateContainerd
+from tests.support.fake import FakeContainerd, FakeStore
+from tests.support.world import World, create_store
+
+NOW = datetime(2026, 11, 29, tzinfo=UTC)
+
+
+def test_help_documents_every_flag_and_the_exit_codes() -> None:
+    out = run_cli("--help")
+    assert out.code == 0
+    for flag in ("--once", "--dry-run", "--json", "--store", "--address", "--namespace", "--snapshotter",
+                 "--ctr", "--force", "--explain"):  # fmt: skip
+        assert flag in out.stdout
+    for line in ("0  converged", "1  did not converge", "2  usage", "3  --dry-run found drift"):
+        assert line in out.stdout
+    assert "CONTAINERD_ADDRESS" in out.stdout
+
+
+def test_flags_override_the_environment_which_overrides_defaults() -> None:
+    env = {"CONTAINERD_ADDRESS": "/env.sock", "CONTAINERD_NAMESPACE": "envns", "CONTAINERD_SNAPSHOTTER": "windows"}
+    s = resolve_settings(build_parser().parse_args(["--store", "/s", "--namespace", "flagns"]), env)
+    assert (s.ctr.address, s.ctr.namespace, s.ctr.snapshotter) == ("/env.sock", "flagns", "windows")
+    d = resolve_settings(build_parser().parse_args(["--store", "/s"]), {})
+    assert (d.ctr.address, d.ctr.namespace, d.ctr.snapshotter) == (
+        "/run/containerd/containerd.sock",
+        "default",
+        "overlayfs",
+    )
+
+
+def test_missing_store_is_a_usage_error() -> None:
+    out = run_cli("--once")
+    assert out.code == 2 and "--store ROOT is required" in out.stderr
+
+
+def test_unreachable_containerd_exits_1_and_says_so(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    (root / "result-tmp" / "x").mkdir()
+    out = run_cli("--once", "--store", str(root), "--address", str(tmp_path / "none.sock"), "--ctr", "/bin/false")
+    assert out.code == 1 and "exit 1" in out.stderr
+    assert (root / "result-tmp" / "x").exists()
+
+
+def test_a_parent_containerd_says_has_a_phantom_child_is_reported_stuck_not_retried_forever() -> None:
+    fake = FakeContainerd(parents={"obuilder-a-committed": None, "obuilder-b": "obuilder-a-committed"})
+    fake.phantom_children.add("obuilder-a-committed")
+    store = FakeStore(StoreState(root="/s"))
+
+    def observe() -> Observation:
+        return Observation(store=store.observe(), containerd=fake.observe())
+
+    summary, _ = reconcile(observe, PlanOptions(), Mode.BOOT, fake, store, now=lambda: NOW, max_passes=10)
+    assert summary.exit_code == 1
+    assert summary.passes == 2
+    (stuck,) = summary.stuck
+    assert stuck.name == "obuilder-a-committed" and "known containerd bug" in stuck.reason
+    assert list(fake.parents) == ["obuilder-a-committed"]
+
+
+def test_pass_limit_is_reported_with_what_remains() -> None:
+    chain = {f"obuilder-{i}": (f"obuilder-{i - 1}" if i else None) for i in range(6)}
+    fake = FakeContainerd(parents=dict(chain))
+    store = FakeStore(StoreState(root="/s"))
+
+    def observe() -> Observation:
+        return Observation(store=store.observe(), containerd=fake.observe())
+
+    options = PlanOptions(max_deletions_per_pass=2)
+    summary, _ = reconcile(observe, options, Mode.BOOT, fake, store, now=lambda: NOW, max_passes=2)
+    assert (summary.exit_code, summary.passes, summary.removed["snapshot"]) == (1, 2, 4)
+    assert {s.name for s in summary.stuck} == {"obuilder-0", "obuilder-1"}
+    assert all("pass limit (2) reached" in s.reason for s in summary.stuck)
+    assert (
+        ContainerdState(snapshots=(Snapshot(key="obuilder-0"), Snapshot(key="obuilder-1", parent="obuilder-0")))
+        == fake.observe()
+    )
+
+
+@pytest.mark.containerd
+def test_explain_names_the_rule_for_kept_orphan_and_foreign_objects(
+    world: World, containerd: PrivateContainerd, namespace: str
+) -> None:
+    base = world.base("b:1")
+    kept = world.step("k", base)
+    (orphan,) = world.orphan_chain(kept, "o", 1)
+    world.buggy_prune(base.removeprefix("obuilder-base-"))  # now kept only as an ancestor
+
+    def explain(name: str) -> str:
+        out = reconcile_on(containerd, namespace, world.root, "--once", "--explain", name)
+        assert out.code == 0, out.stderr
+        return out.stdout
+
+    assert "kept [rule: result]: result/k exists" in explain(kept + "-committed")
+    assert "kept [rule: ancestor]: ancestor of obuilder-k-committed" in explain(base + "-committed")
+    assert f"snapshot {orphan}: would be removed [rule: orphan]" in explain(orphan)
+    assert "not owned" in explain(world.image_layer)
+    missing = reconcile_on(containerd, namespace, world.root, "--once", "--explain", "obuilder-nope")
+    assert missing.code == 1 and "no snapshot, container or store entry" in missing.stdout
+    assert orphan in containerd.snapshot_keys(namespace), "--explain changed something"
+
+
+@pytest.mark.containerd
+def test_dry_run_exits_0_on_a_clean_store_and_3_on_drift(
+    world: World, containerd: PrivateContainerd, namespace: str
+) -> None:
+    world.step("k", world.base("b:1"))
+    clean = reconcile_on(containerd, namespace, world.root, "--once", "--dry-run")
+    assert clean.code == 0 and "nothing to do" in clean.stdout
+    world.leak_container("obuilder-run-1", task="stopped")
+    drift = reconcile_on(containerd, namespace, world.root, "--once", "--dry-run")
+    assert drift.code == 3 and "remove container obuilder-run-1" in drift.stdout
+    assert containerd.container_ids(namespace) == ["obuilder-run-1"]

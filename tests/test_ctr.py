@@ -1,0 +1,131 @@
+"""Parsing what ctr prints and sorting its errors; the real daemon confirms the shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.ctr import (
+    Ctr,
+    CtrSettings,
+    Outcome,
+    chunk_args,
+    classify,
+    go_quote,
+    parse_container_info,
+    parse_table,
+)
+from controller.errors import CtrNotFoundError, CtrTimeoutError
+from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
+from tests.support.world import World
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ctr"
+
+# Shape of `ctr snapshots ls` (tabwriter, minwidth 1, padding 1): an empty PARENT
+# is only blanks, and a key may contain spaces.
+SNAPSHOTS_LS = (
+    "KEY                    PARENT                 KIND      \n"
+    "obuilder-a b           sha256:0123            Active    \n"
+    "obuilder-x-committed                          Committed \n"
+    "sha256:0123                                   Committed \n"
+)
+
+
+def test_table_is_cut_at_header_columns_not_blanks() -> None:
+    rows = parse_table(SNAPSHOTS_LS)
+    assert rows == [
+        {"KEY": "obuilder-a b", "PARENT": "sha256:0123", "KIND": "Active"},
+        {"KEY": "obuilder-x-committed", "PARENT": "", "KIND": "Committed"},
+        {"KEY": "sha256:0123", "PARENT": "", "KIND": "Committed"},
+    ]
+    assert parse_table("") == []
+
+
+def test_windows_container_info_gives_layer_folders() -> None:
+    c = parse_container_info((FIXTURES / "windows-container-info.json").read_text())
+    assert c.id == "obuilder-run-173245"
+    assert c.snapshot_key == "" and c.root_path == ""
+    assert len(c.layer_folders) == 15
+    assert c.layer_folders[-1].endswith("\\snapshots\\4711")
+    assert c.created_at is not None and c.created_at.year == 2026
+
+
+@pytest.mark.parametrize(
+    ("stderr", "outcome"),
+    [
+        ('ctr: failed to remove "k": snapshot k does not exist: not found', Outcome.NOT_FOUND),
+        ('ctr: failed to remove "k": cannot remove snapshot with child: failed precondition', Outcome.HAS_CHILD),
+        ('ctr: container "c" in namespace "default": not found', Outcome.NOT_FOUND),
+        ("ctr: failed to dial: context deadline exceeded", Outcome.FAILED),
+    ],
+)
+def test_errors_are_classified(stderr: str, outcome: Outcome) -> None:
+    assert classify(stderr).outcome is outcome
+
+
+def test_chunks_respect_the_command_line_budget() -> None:
+    names = [f"obuilder-{i:04d}" for i in range(1000)]
+    chunks = list(chunk_args(names, budget=1000))
+    assert [n for c in chunks for n in c] == names
+    assert all(sum(len(n) + 3 for n in c) <= 1000 for c in chunks)
+    assert len(chunks) == 17
+
+
+def test_go_quote_matches_ctr_messages() -> None:
+    assert go_quote("obuilder-a") == '"obuilder-a"'
+    assert go_quote('we"ird\\key\n') == '"we\\"ird\\\\key\\n"'
+
+
+def test_missing_ctr_and_timeouts_are_errors_a_user_can_read(tmp_path: Path) -> None:
+    with pytest.raises(CtrNotFoundError, match="cannot run"):
+        Ctr(CtrSettings(ctr=str(tmp_path / "no-ctr"))).snapshots()
+    slow = tmp_path / "slow-ctr"
+    slow.write_text("#!/bin/sh\nsleep 5\n")
+    slow.chmod(0o755)
+    with pytest.raises(CtrTimeoutError, match=r"timed out after 0\.2s"):
+        Ctr(CtrSettings(ctr=str(slow), timeout=0.2)).snapshots()
+
+
+@pytest.mark.containerd
+def test_real_ctr_output_parses_and_removal_is_batched_and_idempotent(
+    world: World, containerd: PrivateContainerd, namespace: str
+) -> None:
+    ctr = Ctr(CtrSettings(address=containerd.address, namespace=namespace, snapshotter=SNAPSHOTTER))
+    world.prepare("obuilder-with space", world.image_layer)
+    world.prepare("-looks-like-a-flag", world.image_layer)
+    snaps = {s.key: s for s in ctr.snapshots()}
+    assert snaps["obuilder-with space"].parent == world.image_layer
+    assert snaps["obuilder-with space"].kind == "Active"
+    assert snaps[world.image_layer].parent is None
+
+    world.prepare("obuilder-p", world.image_layer)
+    parent = world.commit("obuilder-p")
+    world.prepare("obuilder-child", parent)
+
+    ctr.calls = 0
+    results = ctr.remove_snapshots(["obuilder-with space", "gone-already", "-looks-like-a-flag", parent])
+    assert results["obuilder-with space"].outcome is Outcome.REMOVED
+    assert results["gone-already"].outcome is Outcome.NOT_FOUND
+    assert results["-looks-like-a-flag"].outcome is Outcome.REMOVED
+    assert results[parent].outcome is Outcome.HAS_CHILD
+    # The first call stopped at the missing key, the second went on after it.
+    assert ctr.calls == 2
+    assert set(containerd.snapshot_keys(namespace)) == {world.image_layer, parent, "obuilder-child"}
+
+
+@pytest.mark.containerd
+def test_real_container_and_task_removal_report_each_id(
+    world: World, containerd: PrivateContainerd, namespace: str
+) -> None:
+    ctr = Ctr(CtrSettings(address=containerd.address, namespace=namespace, snapshotter=SNAPSHOTTER))
+    world.leak_container("obuilder-run-1", task="running")
+    tasks = ctr.delete_tasks(["obuilder-run-1", "obuilder-run-missing"])
+    assert tasks["obuilder-run-1"].outcome is Outcome.REMOVED
+    assert tasks["obuilder-run-missing"].outcome is Outcome.NOT_FOUND
+    removed = ctr.remove_containers(["obuilder-run-missing", "obuilder-run-1"])
+    assert removed["obuilder-run-1"].outcome is Outcome.REMOVED
+    assert removed["obuilder-run-missing"].outcome is Outcome.NOT_FOUND
+    assert containerd.container_ids(namespace) == []
+    # --keep-snapshot: the container's own snapshot is judged on its own.
+    assert "obuilder-run-1" in containerd.snapshot_keys(namespace)

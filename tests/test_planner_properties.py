@@ -1,0 +1,157 @@
+"""Properties of the planner over random snapshot forests, stores and containers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from fnmatch import fnmatchcase
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.plan import Mode, PlanOptions
+from controller.planner import plan
+from controller.reconciler import reconcile
+from controller.records import (
+    Container,
+    ContainerdState,
+    History,
+    LayerInfo,
+    Observation,
+    Snapshot,
+    StoreEntry,
+    StoreState,
+    Task,
+    TaskStatus,
+)
+from tests.support.fake import FakeContainerd, FakeStore
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+OPTIONS = PlanOptions(grace_period=timedelta(minutes=10), stale_after=timedelta(hours=6))
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> tuple[Observation, PlanOptions, Mode]:
+    n = draw(st.integers(1, 40))
+    parents: dict[str, str | None] = {}
+    for i in range(n):
+        kind = draw(st.sampled_from(["step", "step", "step", "base", "foreign", "layer"]))
+        key = {
+            "step": f"obuilder-s{i}",
+            "base": f"obuilder-base-b{i}",
+            "foreign": f"foreign-{i}",
+            "layer": f"sha256:{i:04x}",
+        }[kind]
+        if kind in ("step", "base") and draw(st.booleans()):
+            key += "-committed"
+        parents[key] = draw(st.sampled_from([None, *parents])) if parents else None
+    owned = [k for k in parents if k.startswith("obuilder-")]
+    committed = [k for k in owned if k.endswith("-committed")]
+    active = [k for k in owned if not k.endswith("-committed")]
+
+    def entry(area: str, key: str) -> StoreEntry:
+        build = key.removesuffix("-committed").removeprefix("obuilder-")
+        info = LayerInfo(snapshot_key=key.removesuffix("-committed"), source=f"/snap/{build}", parent_layer_paths=())
+        when = NOW - draw(st.sampled_from([timedelta(0), timedelta(days=1)]))
+        return StoreEntry(id=build, area=area, layerinfo=info, changed_at=when)  # type: ignore[arg-type]
+
+    picked = draw(st.lists(st.sampled_from(committed), unique=True)) if committed else []
+    results = [entry("result", k) for k in picked]
+    picked = draw(st.lists(st.sampled_from(active), unique=True)) if active else []
+    tmp = [entry("result-tmp", k) for k in picked]
+    if draw(st.booleans()):
+        tmp.append(StoreEntry(id="broken", area="result-tmp", layerinfo_error="x:1:1: unexpected end of input"))
+    containers, tasks = [], []
+    for i in range(draw(st.integers(0, 4))):
+        cid = f"obuilder-run-{i}"
+        uses = draw(st.sampled_from(["", *owned]))
+        rootfs = draw(st.sampled_from(["", *[f"/snap/{e.id}" for e in tmp]]))
+        containers.append(Container(id=cid, snapshot_key=uses, root_path=rootfs, created_at=NOW - timedelta(hours=1)))
+        status = draw(st.sampled_from(list(TaskStatus)))
+        if status is not TaskStatus.ABSENT:
+            tasks.append(Task(id=cid, status=status))
+    old, new = NOW - timedelta(days=1), NOW - timedelta(seconds=5)
+    history = History(
+        snapshots_first_seen={k: draw(st.sampled_from([old, new])) for k in owned},
+        containers_idle_since={c.id: draw(st.sampled_from([old, new])) for c in containers},
+    )
+    protect = tuple(draw(st.lists(st.sampled_from(["obuilder-base-*", "obuilder-s1*", "nothing-*"]), max_size=2)))
+    observation = Observation(
+        store=StoreState(root="/store", results=tuple(results), tmp=tuple(tmp)),
+        containerd=ContainerdState(
+            snapshots=tuple(Snapshot(key=k, parent=p) for k, p in parents.items()),
+            containers=tuple(containers),
+            tasks=tuple(tasks),
+        ),
+        history=history,
+    )
+    return observation, OPTIONS.model_copy(update={"protect_keys": protect}), draw(st.sampled_from(list(Mode)))
+
+
+def must_keep(obs: Observation, options: PlanOptions, mode: Mode) -> set[str]:
+    """Kept for reasons simple enough to state here, with every ancestor of them."""
+    parents = {s.key: s.parent for s in obs.containerd.snapshots}
+    owned = {k for k in parents if k.startswith(options.snapshot_prefix)}
+    roots = {e.layerinfo.snapshot_key + "-committed" for e in obs.store.results if e.layerinfo}
+    roots |= {k for k in owned for g in options.protect_keys if fnmatchcase(k, g)}
+    roots |= {p for k, p in parents.items() if k not in owned and p is not None}
+    roots |= {"obuilder-broken", "obuilder-broken-committed"}
+    if mode is Mode.DAEMON:
+        running = {t.id for t in obs.containerd.tasks if t.status is TaskStatus.RUNNING}
+        roots |= {c.snapshot_key for c in obs.containerd.containers if c.id in running and c.snapshot_key}
+        roots |= {e.layerinfo.snapshot_key for e in obs.store.tmp if e.layerinfo and e.changed_at == NOW}
+    kept = set()
+    for root in roots:
+        key: str | None = root
+        while key is not None and key in parents:
+            kept.add(key)
+            key = parents[key]
+    return kept & owned
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds())
+def test_never_plans_a_kept_snapshot_an_ancestor_of_one_or_a_foreign_object(
+    world: tuple[Observation, PlanOptions, Mode],
+) -> None:
+    obs, options, mode = world
+    p = plan(obs, options, NOW, mode)
+    removed = {s.key for s in p.snapshots}
+    assert not removed & must_keep(obs, options, mode)
+    assert all(k.startswith("obuilder-") for k in removed)
+    assert all(c.id.startswith("obuilder-run-") for c in p.containers)
+    assert "broken" not in {t.id for t in p.tmp_entries}, "an unreadable layerinfo is never acted on"
+    if mode is Mode.DAEMON:
+        running = {t.id for t in obs.containerd.tasks if t.status is TaskStatus.RUNNING}
+        assert not running & {c.id for c in p.containers}, "a live build is never disturbed"
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds())
+def test_children_always_go_before_their_parents(world: tuple[Observation, PlanOptions, Mode]) -> None:
+    obs, options, mode = world
+    p = plan(obs, options, NOW, mode)
+    level_of = {s.key: n for n, level in enumerate(p.snapshot_levels) for s in level}
+    for s in obs.containerd.snapshots:
+        if s.parent in level_of:
+            assert s.key in level_of, f"{s.parent} planned while its child {s.key} stays"
+            assert level_of[s.key] < level_of[s.parent]
+
+
+@settings(max_examples=200, deadline=None)
+@given(worlds())
+def test_running_the_plan_against_containerd_rules_converges(world: tuple[Observation, PlanOptions, Mode]) -> None:
+    obs, options, mode = world
+    fake = FakeContainerd.from_state(obs.containerd)
+    store = FakeStore(obs.store)
+    keep = must_keep(obs, options, mode)
+
+    def observe() -> Observation:
+        return Observation(store=store.observe(), containerd=fake.observe(), history=obs.history)
+
+    summary, first = reconcile(observe, options, mode, fake, store, now=lambda: NOW, max_passes=5)
+    # A running task is killed only at boot; a container survives a pass only when the
+    # fake (like containerd) refuses to delete it while its task runs.
+    assert summary.converged, summary.stuck
+    assert summary.passes <= 2
+    assert keep <= set(fake.parents)
+    assert {s.key for s in first.snapshots}.isdisjoint(fake.parents)

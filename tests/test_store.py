@@ -1,0 +1,182 @@
+"""The store observer: layerinfo as Sexplib writes it, the store layout, the DB read-only."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from controller.errors import LayerinfoError, StoreSanityError
+from controller.store import check_store, observe_store, read_db, read_layerinfo
+from tests.support.world import create_store, layerinfo_text
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+WIN = "C:\\ProgramData\\containerd\\root\\io.containerd.snapshotter.v1.windows\\snapshots\\"
+
+
+def fixture(name: str) -> Path:
+    path = FIXTURES / "layerinfo" / name
+    if not path.exists():  # a checkout beside shared/ is how CI and developers run
+        pytest.fail(f"fixture {path} is missing: tests expect ../shared/fixtures beside the repository")
+    return path
+
+
+def test_windows_step_layerinfo_from_sexplib() -> None:
+    li = read_layerinfo(fixture("step.layerinfo"))
+    assert li.snapshot_key == "obuilder-2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+    assert li.source == WIN + "4711"
+    assert li.parent_layer_paths == tuple(WIN + str(n) for n in range(4710, 4696, -1))
+
+
+def test_base_noparents_emptysource_and_linux_fixtures() -> None:
+    base = read_layerinfo(fixture("base.layerinfo"))
+    assert base.snapshot_key.startswith("obuilder-base-9f86d0")
+    assert base.parent_layer_paths == (WIN + "3", WIN + "2", WIN + "1")
+    assert read_layerinfo(fixture("noparents.layerinfo")).parent_layer_paths == ()
+    empty = read_layerinfo(fixture("emptysource.layerinfo"))
+    assert (empty.snapshot_key, empty.source, empty.parent_layer_paths) == ("obuilder-def", "", ())
+    linux = read_layerinfo(fixture("linux.layerinfo"))
+    assert linux.source == "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/7/fs"
+
+
+@pytest.mark.parametrize(
+    ("quoted", "value"),
+    [
+        (r'"a\\b"', "a\\b"),
+        (r'"say \"hi\""', 'say "hi"'),
+        (r'"tab\there"', "tab\there"),
+        (r'"nl\nx"', "nl\nx"),
+        (r'"bs\bx"', "bs\bx"),
+        (r'"cr\rx"', "cr\rx"),
+        (r'"\065\066"', "AB"),
+        (r'"\x41\x6a"', "Aj"),
+        (r'"it\'s"', "it's"),
+        (r'"a\ b"', "a b"),
+        (r'"keep\q"', "keep\\q"),
+        ('"C:\\\\obuilder\\\\very\\\n      long"', "C:\\obuilder\\verylong"),
+        ('"crlf\\\r\n\t  joined"', "crlfjoined"),
+        (r'"caf\195\169"', "café"),
+        ('"(parens) and ;semi"', "(parens) and ;semi"),
+    ],
+)
+def test_every_ocaml_escape_in_quoted_atoms(tmp_path: Path, quoted: str, value: str) -> None:
+    path = tmp_path / "layerinfo"
+    path.write_bytes(f"((snapshot_key k) (source {quoted}) (parent_layer_paths ()))".encode())
+    assert read_layerinfo(path).source == value
+
+
+def test_comments_and_field_order_do_not_matter(tmp_path: Path) -> None:
+    path = tmp_path / "layerinfo"
+    path.write_text(
+        "; written by hand\n#| a block #| nested |# comment |#\n"
+        "((parent_layer_paths (a #;ignored b)) (source s) (snapshot_key obuilder-x))\n"
+    )
+    li = read_layerinfo(path)
+    assert (li.snapshot_key, li.source, li.parent_layer_paths) == ("obuilder-x", "s", ("a", "b"))
+
+
+def test_round_trip_of_what_the_test_world_writes(tmp_path: Path) -> None:
+    path = tmp_path / "layerinfo"
+    odd = 'C:\\dir with "quotes"\\and\nnewline'
+    path.write_text(layerinfo_text("obuilder-k", odd, ["/plain", "with space"]))
+    li = read_layerinfo(path)
+    assert (li.source, li.parent_layer_paths) == (odd, ("/plain", "with space"))
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column", "words"),
+    [
+        ('((snapshot_key k) (source "open\n', 1, 27, "unterminated quoted atom"),
+        ("((snapshot_key k)\n (source s)\n (parent_layer_paths ())", 1, 1, "unclosed '('"),
+        ("((snapshot_key k) (source s))", 1, 1, "missing field parent_layer_paths"),
+        ("((snapshot_key k) (source s) (parent_layer_paths x))", 1, 50, "expected a list"),
+        ("((snapshot_key k) (source s) (parent_layer_paths ()))\n)", 2, 1, "unexpected text after"),
+        ('((snapshot_key k) (source "\\999") (parent_layer_paths ()))', 1, 28, "over 255"),
+        ('((snapshot_key k) (source "\\xZZ") (parent_layer_paths ()))', 1, 28, "hex"),
+        ("((snapshot_key k) (snapshot_key j) (source s) (parent_layer_paths ()))", 1, 19, "duplicate"),
+        ("", 1, 1, "unexpected end of input"),
+    ],
+)
+def test_unparsable_layerinfo_names_file_line_and_column(
+    tmp_path: Path, text: str, line: int, column: int, words: str
+) -> None:
+    path = tmp_path / "layerinfo"
+    path.write_text(text)
+    with pytest.raises(LayerinfoError) as err:
+        read_layerinfo(path)
+    assert (err.value.path, err.value.line, err.value.column) == (str(path), line, column)
+    assert words in err.value.message
+    assert str(err.value).startswith(f"{path}:{line}:{column}: ")
+
+
+def test_store_layout_is_read_with_rootfs_layerinfo_first(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    base = root / "result" / "b1" / "rootfs"
+    base.mkdir(parents=True)
+    (base / "layerinfo").write_text(layerinfo_text("obuilder-base-b1", "/x/1", []))
+    (root / "result" / "b1" / "layerinfo").write_text(layerinfo_text("wrong", "/x/2", []))
+    (root / "result" / "s1").mkdir()
+    (root / "result-tmp" / "pulling" / "rootfs").mkdir(parents=True)
+    (root / "result-tmp" / "broken").mkdir()
+    (root / "result-tmp" / "broken" / "layerinfo").write_text("((snapshot_key")
+    (root / "cache-tmp" / "3-opam").mkdir()
+    state = observe_store(root)
+    results = {e.id: e for e in state.results}
+    assert results["b1"].snapshot_keys == ("obuilder-base-b1",)
+    assert results["s1"].layerinfo is None and results["s1"].snapshot_keys == ("obuilder-s1",)
+    tmp = {e.id: e for e in state.tmp}
+    assert tmp["pulling"].has_rootfs and "obuilder-base-pulling" in tmp["pulling"].snapshot_keys
+    assert tmp["broken"].layerinfo_error is not None and "broken/layerinfo:1:" in tmp["broken"].layerinfo_error
+    assert tmp["broken"].changed_at is not None
+    assert state.cache_tmp == ("3-opam",)
+
+
+def test_symlinked_entry_is_recorded_not_followed(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "layerinfo").write_text(layerinfo_text("obuilder-victim", "/v", []))
+    os.symlink(outside, root / "result-tmp" / "link")
+    (entry,) = observe_store(root).tmp
+    assert entry.is_link and entry.layerinfo is None
+
+
+@pytest.mark.parametrize("missing", ["result", "state/db/db.sqlite"])
+def test_a_root_that_is_not_a_store_is_refused(tmp_path: Path, missing: str) -> None:
+    root = create_store(tmp_path / "store")
+    target = root / missing
+    if target.is_dir():
+        target.rmdir()
+    else:
+        target.unlink()
+    with pytest.raises(StoreSanityError, match="does not look like an OBuilder store"):
+        check_store(root)
+
+
+def test_db_is_read_without_writing_or_creating_files(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    db = root / "state" / "db" / "db.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO builds VALUES ('x', 'now', 'now', 2, NULL)")
+    conn.commit()
+    conn.close()
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in db.parent.iterdir()}
+    rows = read_db(db)
+    assert [(r.id, r.rc) for r in rows] == [("x", 2)]
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in db.parent.iterdir()}
+    assert after == before
+
+
+def test_db_open_by_a_live_worker_is_read_through_its_wal(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    db = root / "state" / "db" / "db.sqlite"
+    worker = sqlite3.connect(db)  # the worker keeps it open: -wal and -shm exist
+    worker.execute("INSERT INTO builds VALUES ('live', 'now', 'now', 0, NULL)")
+    worker.commit()
+    try:
+        assert [r.id for r in read_db(db)] == ["live"]
+    finally:
+        worker.close()
