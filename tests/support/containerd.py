@@ -91,11 +91,9 @@ class PrivateContainerd:
             # containerd 1.6 puts shim sockets under /run/containerd/s whatever its
             # config says; a private mount namespace with its own /run keeps even
             # those off the machine's containerd folder.
+            script = 'mount -t tmpfs obr-run /run && exec containerd --config "$1"'
             self._proc = subprocess.Popen(
-                [
-                    "unshare", "--mount", "--propagation", "private", "sh", "-c",
-                    'mount -t tmpfs obr-run /run && exec containerd --config "$1"', "sh", str(config),
-                ],  # fmt: skip
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(config)],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
