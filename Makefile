@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo crds clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ lint: setup
 
 demo: setup
 	$(BIN)/python examples/demo.py
+
+# The CRD and the README's policy reference are generated from controller/policy.py.
+crds: setup
+	$(BIN)/python -m controller.crd
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache .mypy_cache .ruff_cache

@@ -6,17 +6,16 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from controller import __version__, platform
 from controller.containerd import CtrContainerd
-from controller.ctr import Ctr, CtrSettings
+from controller.ctr import Ctr
 from controller.errors import (
     CtrError,
     CtrNotFoundError,
     LockedError,
+    PolicyError,
     ReconcileError,
     StoreReadError,
     StoreSanityError,
@@ -28,11 +27,11 @@ from controller.planner import plan as make_plan
 from controller.reconciler import reconcile
 from controller.records import Observation
 from controller.report import render_explain, render_plan, render_summary, to_json
+from controller.settings import Overrides, Settings, resolve
 from controller.store import check_store, observe_store
 from controller.store_cleanup import StoreCleaner
 
 EXIT_OK, EXIT_NOT_CONVERGED, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
-DEFAULT_WORKER_NAMES = ("ocluster-worker", "obuilder")
 
 EPILOG = """\
 exit codes:
@@ -65,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     p.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
-    p.add_argument("--store", metavar="ROOT", help="OBuilder store root (as in --store=hcs:ROOT)")
+    p.add_argument("--policy", metavar="FILE", help="ReconcilePolicy YAML (flags override it; it overrides defaults)")
+    p.add_argument(
+        "--store", metavar="ROOT", help="OBuilder store root (as in --store=hcs:ROOT); policy: spec.store.root"
+    )
     p.add_argument(
         "--address",
         metavar="ADDR",
@@ -100,35 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass(frozen=True)
-class Settings:
-    store: Path
-    ctr: CtrSettings
-    plan: PlanOptions
-    max_passes: int
-    worker_names: tuple[str, ...] = DEFAULT_WORKER_NAMES
-
-
 def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
-    """Flags override the environment; the environment overrides containerd's defaults."""
-    if not args.store:
-        raise UsageError("--store ROOT is required (the OBuilder store root)")
-    if args.max_passes < 1:
-        raise UsageError("--max-passes must be at least 1")
-    ctr = CtrSettings(
-        ctr=args.ctr or platform.DEFAULT_CTR,
-        address=args.address or env.get("CONTAINERD_ADDRESS") or platform.DEFAULT_ADDRESS,
-        namespace=args.namespace or env.get("CONTAINERD_NAMESPACE") or "default",
-        snapshotter=args.snapshotter or env.get("CONTAINERD_SNAPSHOTTER") or platform.DEFAULT_SNAPSHOTTER,
+    overrides = Overrides(
+        store=args.store,
+        address=args.address,
+        namespace=args.namespace,
+        snapshotter=args.snapshotter,
+        ctr=args.ctr,
+        max_passes=args.max_passes,
     )
-    return Settings(store=Path(args.store), ctr=ctr, plan=PlanOptions(), max_passes=args.max_passes)
+    return resolve(overrides, args.policy, env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args, os.environ)
-    except (UsageError, StoreSanityError, LockedError, CtrNotFoundError) as e:
+    except (UsageError, PolicyError, StoreSanityError, LockedError, CtrNotFoundError) as e:
         print(f"reconcile: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (CtrError, StoreReadError) as e:
@@ -143,8 +133,9 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = resolve_settings(args, env)
     check_store(settings.store)
     mode = Mode.BOOT if args.once else Mode.DAEMON
+    options = settings.plan_options(mode)
     ctr = Ctr(settings.ctr)
-    containerd = CtrContainerd(ctr, container_prefix=settings.plan.container_prefix)
+    containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
 
     def observe() -> Observation:
         return Observation(store=observe_store(settings.store), containerd=containerd.observe())
@@ -153,7 +144,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return datetime.now(UTC)
 
     if args.explain:
-        return explain(args.explain, observe(), settings.plan, now(), mode)
+        return explain(args.explain, observe(), options, now(), mode)
     if not args.once:
         raise UsageError("daemon mode is not available yet: run with --once (boot mode)")
     if not args.force:
@@ -167,7 +158,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     def go() -> int:
         summary, first = reconcile(
             observe,
-            settings.plan,
+            options,
             mode,
             containerd,
             StoreCleaner(settings.store),

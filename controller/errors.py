@@ -15,6 +15,10 @@ class UsageError(ReconcileError):
     """Raised when the command line or settings are inconsistent (exit 2)."""
 
 
+class PolicyError(ReconcileError):
+    """Raised when a policy file does not parse or validate; the message names file, line, column and field."""
+
+
 class StoreSanityError(ReconcileError):
     """Raised when the store root does not look like an OBuilder store (exit 2).
 

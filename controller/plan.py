@@ -40,9 +40,11 @@ class Decision(Record):
 class ContainerRemoval(Record):
     """Remove a container (and kill its task first, if it has one).
 
-    Its own snapshot is always kept by the removal (``--keep-snapshot``) and judged
-    like every other snapshot, so a snapshot with children or a kept one is never
-    deleted as a side effect.
+    Its own snapshot is kept by the removal (``--keep-snapshot``) and judged like
+    every other snapshot, so we never delete a snapshot with children or a kept one
+    as a side effect. (containerd's own GC may still collect a snapshot that ``ctr
+    run IMAGE`` made for the container, as it carries no ``gc.root`` label; OBuilder's
+    snapshots do.)
     """
 
     id: str

@@ -100,7 +100,7 @@ def render_summary(summary: Summary) -> str:
         passes = f"{summary.passes} pass{'es' if summary.passes != 1 else ''}"
         gone = sum(summary.already_gone.values())
         if gone:
-            removed += f" ({gone} more were already gone)"
+            removed += f" ({gone} more {'was' if gone == 1 else 'were'} already gone)"
         lines = [
             f"Reconciled in {summary.seconds:.2f} s, {passes}{calls}: "
             f"removed {removed}; {summary.kept_snapshots} owned snapshots kept; {verdict}."

@@ -19,12 +19,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.containerd import SNAPSHOTTER, ContainerdUnavailable, PrivateContainerd  # noqa: E402
+from controller.planner import base_image_key  # noqa: E402
+from tests.support.containerd import ContainerdUnavailable, PrivateContainerd  # noqa: E402
 from tests.support.incident import wedge  # noqa: E402
 from tests.support.world import World  # noqa: E402
 
 NS = "default"
 RUN_DIR = REPO / "demo-run"
+POLICY = REPO / "examples" / "local-test.yaml"
+PROTECTED = "mcr.microsoft.com/windows/nanoserver:ltsc2022"
 
 
 def say(text: str) -> None:
@@ -52,10 +55,11 @@ def census(cd: PrivateContainerd, root: Path) -> str:
 
 
 def reconcile(cd: PrivateContainerd, root: Path, *args: str) -> int:
-    argv = [sys.executable, "-m", "controller", "--store", str(root), "--address", cd.address,
-            "--namespace", NS, "--snapshotter", SNAPSHOTTER, *args]  # fmt: skip
-    print("$ reconcile " + " ".join(args) + f" --store {root.relative_to(REPO)} --address ... --snapshotter native")
-    return subprocess.run(argv, check=False).returncode
+    policy = POLICY.relative_to(REPO)
+    argv = [sys.executable, "-m", "controller", "--policy", str(policy), "--store", str(root), "--address", cd.address,
+            *args]  # fmt: skip
+    print(f"$ reconcile --policy {policy} --store {root.relative_to(REPO)} --address ... " + " ".join(args))
+    return subprocess.run(argv, check=False, cwd=REPO).returncode
 
 
 def main() -> int:
@@ -83,7 +87,10 @@ def main() -> int:
         print(census(cd, root))
         print(
             f"   OBuilder's LRU prune sees only its {len(inc.kept)} DB rows: it would report 'Pruned 0 items'\n"
-            f"   while {len(inc.orphans)} snapshots leak."
+            f"   while {len(inc.orphans)} snapshots leak.\n"
+            f"   The policy ({POLICY.relative_to(REPO)}) protects the base image {PROTECTED}: an hour to pull on\n"
+            f"   Windows. Its result/ entry is gone too, but it must survive; its children and the other orphan\n"
+            f"   base must not."
         )
         db_hash = hashlib.sha256((root / "state/db/db.sqlite").read_bytes()).hexdigest()
 
@@ -102,6 +109,8 @@ def main() -> int:
         print(f"   the DB is byte-for-byte unchanged: {same}")
         left = sorted(k for k in cd.snapshot_keys(NS) if not k.startswith("sha256:"))
         print(f"   still in containerd: {', '.join(left)}")
+        kept = base_image_key(PROTECTED) + "-committed" in left
+        print(f"   the protected orphan base ({PROTECTED}) survived: {kept}")
         print(f"   containers: {', '.join(cd.container_ids(NS))} (not ours, untouched)")
         other = (len(cd.snapshot_keys("someone-else")), len(cd.container_ids("someone-else")))
         print(f"   namespace someone-else keeps its {other[0]} snapshots and {other[1]} container")
@@ -109,7 +118,7 @@ def main() -> int:
         say("4. A second run finds nothing to do")
         code2 = reconcile(cd, root, "--once")
         print(f"   exit code {code2}")
-        return 0 if code == code2 == 0 and same else 1
+        return 0 if code == code2 == 0 and same and kept else 1
     except ContainerdUnavailable as e:
         print(
             f"demo: {e}\n      (make demo needs root and Debian's containerd, runc and busybox-static)", file=sys.stderr

@@ -45,7 +45,7 @@ def test_flags_override_the_environment_which_overrides_defaults() -> None:
 
 def test_missing_store_is_a_usage_error() -> None:
     out = run_cli("--once")
-    assert out.code == 2 and "--store ROOT is required" in out.stderr
+    assert out.code == 2 and "no store root: pass --store ROOT or set spec.store.root" in out.stderr
 
 
 def test_unreachable_containerd_exits_1_and_says_so(tmp_path: Path) -> None:

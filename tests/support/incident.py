@@ -41,6 +41,10 @@ def wedge(world: World, cd: PrivateContainerd, *, orphan_chains: int = 42, depth
     world.buggy_prune(lost_id)
     inc.orphans.add(lost_base + "-committed")
     inc.orphans |= set(world.orphan_chain(lost_base, "onlost", 3))
+    # ...and a sibling orphan base without children.
+    other_base = world.base("mcr.microsoft.com/windows/servercore:1809")
+    world.buggy_prune(other_base.removeprefix("obuilder-base-"))
+    inc.orphans.add(other_base + "-committed")
 
     # Interrupted builds: active snapshots in result-tmp/, some pinned by leaked containers.
     for n, task in enumerate(("running", "stopped", "absent")):

@@ -1,0 +1,260 @@
+"""ReconcilePolicy: the YAML policy a worker pool keeps, modelled like a Kubernetes resource.
+
+The pydantic model is the single source of truth: it validates the file, gives the
+defaults, and generates the CRD (``crds/reconcilepolicy.yaml``) and the README's
+field reference. Errors name the file, the line and column, and the field path.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic.alias_generators import to_camel
+
+from controller.errors import PolicyError
+
+API_VERSION = "reconcile.obuilder.io/v1alpha1"
+KIND = "ReconcilePolicy"
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+
+
+def parse_duration(value: object) -> timedelta:
+    """``30s``, ``10m``, ``6h``, ``1h30m``, ``2d``, ``500ms``; a timedelta passes through."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, str) and _DURATION.match(value.strip()):
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value.strip()))
+        return timedelta(seconds=seconds)
+    raise ValueError(f"invalid duration {value!r} (use a number and a unit: 500ms, 30s, 10m, 6h, 2d; or 1h30m)")
+
+
+def format_duration(value: timedelta) -> str:
+    total = value.total_seconds()
+    for unit in ("d", "h", "m", "s"):
+        size = _UNIT_SECONDS[unit]
+        if total >= size and total % size == 0:
+            return f"{int(total // size)}{unit}"
+    return f"{round(total * 1000)}ms"
+
+
+def check_glob(value: str) -> str:
+    """fnmatch takes any string, but an unclosed ``[`` is always a typo: refuse it."""
+    if not value:
+        raise ValueError("invalid glob '': empty")
+    i = value.find("[")
+    while i >= 0:
+        j = i + 1
+        j += value[j : j + 1] == "!"
+        j += value[j : j + 1] == "]"
+        close = value.find("]", j)
+        if close < 0:
+            raise ValueError(f"invalid glob {value!r}: the '[' at position {i + 1} is never closed")
+        i = value.find("[", close + 1)
+    return value
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN}),
+]
+Glob = Annotated[str, AfterValidator(check_glob)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+    )
+
+
+class StoreSpec(_Model):
+    root: str | None = None
+    """OBuilder store root, as in `--store=hcs:ROOT` (for example `C:\\obuilder`). `--store` overrides it."""
+
+
+class ContainerdSpec(_Model):
+    address: str | None = None
+    """containerd address. Default: `$CONTAINERD_ADDRESS`, else containerd's platform default."""
+    namespace: str | None = None
+    """containerd namespace. Default: `$CONTAINERD_NAMESPACE`, else `default`."""
+    snapshotter: str | None = None
+    """Snapshotter. Default: `$CONTAINERD_SNAPSHOTTER`, else `windows` on Windows, `overlayfs` elsewhere."""
+    ctr: str | None = None
+    """The ctr executable. Default: `ctr.exe` on Windows, `ctr` elsewhere."""
+    call_timeout: Duration = timedelta(seconds=60)
+    """Longest one ctr call may take before it is killed and the pass fails."""
+
+
+class OwnershipSpec(_Model):
+    snapshot_prefix: str = Field(default="obuilder-", min_length=1)
+    """Snapshots whose key starts with this are ours; nothing else is ever removed."""
+    container_prefix: str = Field(default="obuilder-run-", min_length=1)
+    """Containers whose id starts with this are ours; nothing else is ever removed."""
+
+
+class ProtectSpec(_Model):
+    base_images: tuple[str, ...] = ()
+    """Image references whose base snapshot (`obuilder-base-` + SHA256 of the reference, and its
+    `-committed`) is never removed, with its ancestors."""
+    snapshot_keys: tuple[Glob, ...] = ()
+    """Globs (`*`, `?`, `[...]`, case-sensitive) over snapshot keys never removed, with their ancestors."""
+
+
+class TimingSpec(_Model):
+    grace_period: Duration = timedelta(minutes=10)
+    """Daemon: a new snapshot, or a container whose task stopped, is left alone this long."""
+    stale_after: Duration = timedelta(hours=6)
+    """Daemon: a `result-tmp/` entry that nothing uses and that has not changed for this long is stale."""
+    interval: Duration = timedelta(minutes=5)
+    """Daemon: time between resync passes."""
+    max_task_age: Duration | None = None
+    """Daemon: a running task older than this is killed. Unset: running tasks are never touched."""
+
+
+class LimitsSpec(_Model):
+    max_passes: int = Field(default=10, ge=1)
+    """`--once` gives up (exit 1) after this many passes that each made progress."""
+    max_deletions_per_pass: int = Field(default=500, ge=1)
+    """Daemon: at most this many snapshot removals per pass (leaves first); the rest waits."""
+
+
+class WorkerSpec(_Model):
+    process_names: tuple[str, ...] = ("ocluster-worker", "obuilder")
+    """Executable names that mean a worker is running (`--once` then refuses unless `--force`)."""
+
+
+class ReconcilePolicySpec(_Model):
+    store: StoreSpec = StoreSpec()
+    """Where the OBuilder store is."""
+    containerd: ContainerdSpec = ContainerdSpec()
+    """How to reach containerd."""
+    ownership: OwnershipSpec = OwnershipSpec()
+    """What the controller may remove."""
+    protect: ProtectSpec = ProtectSpec()
+    """What it must keep even when orphaned."""
+    timing: TimingSpec = TimingSpec()
+    """Grace, staleness and cadence."""
+    limits: LimitsSpec = LimitsSpec()
+    """Bounds on one run."""
+    worker: WorkerSpec = WorkerSpec()
+    """How a running worker is recognised."""
+
+
+class Metadata(_Model):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1)
+    """Name of the policy, usually the worker pool."""
+
+
+class ReconcilePolicy(_Model):
+    api_version: Literal["reconcile.obuilder.io/v1alpha1"]
+    kind: Literal["ReconcilePolicy"]
+    metadata: Metadata
+    spec: ReconcilePolicySpec = ReconcilePolicySpec()
+
+
+def load_policy(path: Path) -> ReconcilePolicy:
+    """Read and validate a policy file; every error names the file, line, column and field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read: {e.strerror or e}") from e
+    return parse_policy(text, str(path))
+
+
+def parse_policy(text: str, name: str = "<policy>") -> ReconcilePolicy:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        raise PolicyError(f"{where}: not valid YAML: {e.problem or e}") from e
+    if node is None:
+        raise PolicyError(f"{name}:1:1: the file is empty; expected a ReconcilePolicy")
+    marks: dict[tuple[str | int, ...], tuple[yaml.Mark, yaml.Mark]] = {}
+    data = _to_python(node, (), marks, name)
+    try:
+        return ReconcilePolicy.model_validate(data)
+    except ValidationError as e:
+        raise PolicyError(_describe(e, marks, name, node.start_mark)) from e
+
+
+def _to_python(
+    node: yaml.Node,
+    path: tuple[str | int, ...],
+    marks: dict[tuple[str | int, ...], tuple[yaml.Mark, yaml.Mark]],
+    name: str,
+) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.SafeLoader("").construct_object(key_node)
+            if key in out:
+                m = key_node.start_mark
+                raise PolicyError(f"{name}:{m.line + 1}:{m.column + 1}: {_dotted((*path, key))}: duplicate key")
+            marks[(*path, key)] = (key_node.start_mark, value_node.start_mark)
+            out[key] = _to_python(value_node, (*path, key), marks, name)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for i, item in enumerate(node.value):
+            marks[(*path, i)] = (item.start_mark, item.start_mark)
+            items.append(_to_python(item, (*path, i), marks, name))
+        return items
+    return yaml.SafeLoader("").construct_object(node)
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(
+    error: ValidationError,
+    marks: dict[tuple[str | int, ...], tuple[yaml.Mark, yaml.Mark]],
+    name: str,
+    top: yaml.Mark,
+) -> str:
+    lines: list[tuple[int, int, str]] = []
+    for err in error.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        mark = top
+        for cut in range(len(loc), 0, -1):
+            if loc[:cut] in marks:
+                key_mark, value_mark = marks[loc[:cut]]
+                mark = key_mark if err["type"] == "extra_forbidden" or cut < len(loc) else value_mark
+                break
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (a typo?)"
+        elif err["type"] == "missing":
+            message = "required field is missing"
+        elif err["type"] == "literal_error":
+            message = f"{message}, got {err['input']!r}"
+        lines.append((mark.line, mark.column, f"{name}:{mark.line + 1}:{mark.column + 1}: {_dotted(loc)}: {message}"))
+    return "\n".join(text for _, _, text in sorted(lines))

@@ -1,0 +1,90 @@
+"""One run's settings: command-line flags over the policy file over the defaults.
+
+The environment (``CONTAINERD_ADDRESS``, ``CONTAINERD_NAMESPACE``,
+``CONTAINERD_SNAPSHOTTER``) is part of the defaults, as it is for ctr itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from controller import platform
+from controller.ctr import CtrSettings
+from controller.errors import UsageError
+from controller.plan import Mode, PlanOptions
+from controller.policy import API_VERSION, KIND, Metadata, ReconcilePolicy, load_policy
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What the command line says; None means "not given"."""
+
+    store: str | None = None
+    address: str | None = None
+    namespace: str | None = None
+    snapshotter: str | None = None
+    ctr: str | None = None
+    max_passes: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: Path
+    ctr: CtrSettings
+    plan: PlanOptions
+    max_passes: int
+    interval: timedelta
+    worker_names: tuple[str, ...]
+    policy: ReconcilePolicy = field(repr=False, compare=False)
+
+    def plan_options(self, mode: Mode) -> PlanOptions:
+        """The deletion limit is for a daemon pacing itself beside a worker; at boot, remove it all."""
+        if mode is Mode.BOOT:
+            return self.plan.model_copy(update={"max_deletions_per_pass": None})
+        return self.plan
+
+
+def default_policy() -> ReconcilePolicy:
+    return ReconcilePolicy(api_version=API_VERSION, kind=KIND, metadata=Metadata(name="defaults"))
+
+
+def resolve(overrides: Overrides, policy_path: str | None, env: Mapping[str, str]) -> Settings:
+    policy = load_policy(Path(policy_path)) if policy_path else default_policy()
+    spec = policy.spec
+    store = overrides.store or spec.store.root
+    if not store:
+        raise UsageError("no store root: pass --store ROOT or set spec.store.root in the policy")
+    if overrides.max_passes is not None and overrides.max_passes < 1:
+        raise UsageError("--max-passes must be at least 1")
+    c = spec.containerd
+    ctr = CtrSettings(
+        ctr=overrides.ctr or c.ctr or platform.DEFAULT_CTR,
+        address=overrides.address or c.address or env.get("CONTAINERD_ADDRESS") or platform.DEFAULT_ADDRESS,
+        namespace=overrides.namespace or c.namespace or env.get("CONTAINERD_NAMESPACE") or "default",
+        snapshotter=(
+            overrides.snapshotter or c.snapshotter or env.get("CONTAINERD_SNAPSHOTTER") or platform.DEFAULT_SNAPSHOTTER
+        ),
+        timeout=c.call_timeout.total_seconds(),
+    )
+    plan = PlanOptions(
+        snapshot_prefix=spec.ownership.snapshot_prefix,
+        container_prefix=spec.ownership.container_prefix,
+        protect_keys=spec.protect.snapshot_keys,
+        protect_images=spec.protect.base_images,
+        grace_period=spec.timing.grace_period,
+        stale_after=spec.timing.stale_after,
+        max_task_age=spec.timing.max_task_age,
+        max_deletions_per_pass=spec.limits.max_deletions_per_pass,
+    )
+    return Settings(
+        store=Path(store),
+        ctr=ctr,
+        plan=plan,
+        max_passes=overrides.max_passes or spec.limits.max_passes,
+        interval=spec.timing.interval,
+        worker_names=spec.worker.process_names,
+        policy=policy,
+    )

@@ -1,0 +1,201 @@
+"""ReconcilePolicy: loading, errors that point at the line, precedence, the CRD and examples."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from controller.crd import README_END, README_START, crd_document, crd_yaml, reference_markdown
+from controller.errors import PolicyError
+from controller.plan import Mode
+from controller.policy import format_duration, load_policy, parse_duration
+from controller.settings import Overrides, resolve
+from tests.support.cli import reconcile_on
+from tests.support.containerd import PrivateContainerd
+from tests.support.world import World
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+HEAD = "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: t}\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_three_line_policy_gets_every_default(tmp_path: Path) -> None:
+    policy = load_policy(write(tmp_path, HEAD))
+    t = policy.spec.timing
+    assert (t.grace_period, t.stale_after, t.interval, t.max_task_age) == (
+        timedelta(minutes=10),
+        timedelta(hours=6),
+        timedelta(minutes=5),
+        None,
+    )
+    assert policy.spec.ownership.snapshot_prefix == "obuilder-"
+    assert policy.spec.limits.max_passes == 10
+    assert policy.spec.worker.process_names == ("ocluster-worker", "obuilder")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30s", timedelta(seconds=30)),
+        ("10m", timedelta(minutes=10)),
+        ("6h", timedelta(hours=6)),
+        ("1h30m", timedelta(minutes=90)),
+        ("2d", timedelta(days=2)),
+        ("500ms", timedelta(milliseconds=500)),
+        ("1.5h", timedelta(minutes=90)),
+    ],
+)
+def test_durations_read_and_write_back(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+    assert parse_duration(format_duration(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "where", "message"),
+    [
+        ("spec:\n  timing:\n    gracePeriods: 10m\n", "6:5", "spec.timing.gracePeriods: unknown field (a typo?)"),
+        ("spec:\n  timing: {gracePeriod: 10 minutes}\n", "5:25", "gracePeriod: invalid duration '10 minutes'"),
+        ("spec:\n  limits: {maxPasses: many}\n", "5:23", "spec.limits.maxPasses: Input should be a valid integer"),
+        ("spec:\n  limits: {maxPasses: 0}\n", "5:23", "maxPasses: Input should be greater than or equal to 1"),
+        ("spec:\n  protect:\n    snapshotKeys: ['ok-*', 'obuilder-[ab']\n", "6:28", "snapshotKeys[1]: invalid glob"),
+        ("spec:\n  protect: {baseImages: nope}\n", "5:25", "spec.protect.baseImages: Input should be a valid"),
+        ("spec:\n  timing: {interval: 1m\n", "6:1", "not valid YAML"),
+        ("spec:\n  store: {root: a}\n  store: {root: b}\n", "6:3", "spec.store: duplicate key"),
+        ("spec: [1, 2]\n", "4:7", "spec: Input should be a valid dictionary"),
+    ],
+)
+def test_bad_policies_name_file_line_column_and_field(tmp_path: Path, body: str, where: str, message: str) -> None:
+    path = write(tmp_path, HEAD + body)
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    assert f"{path}:{where}: " in str(err.value)
+    assert message in str(err.value)
+
+
+def test_wrong_kind_and_missing_metadata_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"2:7: kind: Input should be 'ReconcilePolicy', got 'Policy'"):
+        load_policy(write(tmp_path, "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: Policy\nmetadata: {name: x}\n"))
+    with pytest.raises(PolicyError, match=r"1:1: metadata: required field is missing"):
+        load_policy(write(tmp_path, "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\n"))
+    with pytest.raises(PolicyError, match=r"1:1: the file is empty"):
+        load_policy(write(tmp_path, "# nothing\n"))
+
+
+def test_flags_override_the_policy_which_overrides_environment_and_defaults(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        HEAD + "spec:\n  store: {root: /from-policy}\n  containerd: {namespace: policy-ns, snapshotter: native}\n",
+    )
+    env = {"CONTAINERD_ADDRESS": "/env.sock", "CONTAINERD_NAMESPACE": "env-ns"}
+    s = resolve(Overrides(namespace="flag-ns"), str(path), env)
+    assert (str(s.store), s.ctr.address, s.ctr.namespace, s.ctr.snapshotter) == (
+        "/from-policy",
+        "/env.sock",
+        "flag-ns",
+        "native",
+    )
+    assert str(resolve(Overrides(store="/flag"), str(path), env).store) == "/flag"
+    assert resolve(Overrides(), str(path), env).ctr.namespace == "policy-ns"
+
+
+def test_the_windows_example_maps_to_a_windows_connection() -> None:
+    s = resolve(Overrides(), str(REPO / "examples" / "windows-hcs-worker.yaml"), {})
+    assert str(s.store) == "C:\\obuilder"
+    assert s.ctr.address == "\\\\.\\pipe\\containerd-containerd"
+    assert (s.ctr.snapshotter, s.ctr.timeout) == ("windows", 120.0)
+    assert "mcr.microsoft.com/windows/servercore:ltsc2022" in s.plan.protect_images
+    # The deletion limit paces a daemon; a boot run removes everything.
+    assert s.plan_options(Mode.DAEMON).max_deletions_per_pass == 500
+    assert s.plan_options(Mode.BOOT).max_deletions_per_pass is None
+
+
+def test_committed_crd_is_what_the_model_generates() -> None:
+    committed = (REPO / "crds" / "reconcilepolicy.yaml").read_text()
+    assert committed == crd_yaml(), "crds/reconcilepolicy.yaml is stale: run `make crds`"
+
+
+def test_readme_policy_reference_is_what_the_model_generates() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(README_START) + len(README_START) : readme.index(README_END)]
+    assert section.strip() == reference_markdown(), "README's policy reference is stale: run `make crds`"
+    for name in ("gracePeriod", "staleAfter", "maxDeletionsPerPass", "baseImages", "processNames"):
+        assert name in section
+
+
+def _crd_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = crd_document()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_validate_against_the_crd_schema_and_the_model(path: Path) -> None:
+    jsonschema.validate(yaml.safe_load(path.read_text()), _crd_schema())
+    load_policy(path)
+
+
+def test_the_crd_schema_rejects_what_the_model_rejects() -> None:
+    bad = yaml.safe_load(HEAD + "spec:\n  timing: {gracePeriod: 10 minutes}\n  limits: {maxPasses: 0}\n")
+    errors = list(jsonschema.Draft7Validator(_crd_schema()).iter_errors(bad))
+    assert {tuple(e.path) for e in errors} == {("spec", "timing", "gracePeriod"), ("spec", "limits", "maxPasses")}
+
+
+@pytest.mark.containerd
+def test_a_bad_policy_exits_2_and_touches_nothing(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path
+) -> None:
+    world.orphan_chain(world.base("b:1"), "o", 2)
+    before = containerd.snapshot_keys(namespace)
+    path = write(tmp_path, HEAD + "spec:\n  timing:\n    gracePeriods: 10m\n")
+    run = reconcile_on(containerd, namespace, world.root, "--once", "--policy", str(path))
+    assert run.code == 2
+    assert f"{path}:6:5: spec.timing.gracePeriods: unknown field" in run.stderr
+    assert containerd.snapshot_keys(namespace) == before
+
+
+@pytest.mark.containerd
+def test_protected_orphans_and_their_ancestors_survive_while_unprotected_siblings_go(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path
+) -> None:
+    protected_ref = "mcr.microsoft.com/windows/nanoserver:ltsc2022"
+    sibling_ref = "mcr.microsoft.com/windows/nanoserver:1809"
+    protected = world.base(protected_ref)
+    sibling = world.base(sibling_ref)
+    for key in (protected, sibling):
+        world.buggy_prune(key.removeprefix("obuilder-base-"))
+    children = world.orphan_chain(protected, "under-protected", 2)
+    chain = world.orphan_chain(sibling, "keep", 3)  # keep-0, keep-1, keep-2 (committed)
+    world.prepare("obuilder-keepme-leaf", chain[-1])
+    policy = write(
+        tmp_path,
+        HEAD + f"spec:\n  protect:\n    baseImages: ['{protected_ref}', 'mcr.microsoft.com/typo:1']\n"
+        "    snapshotKeys: ['obuilder-keepme-*']\n",
+    )
+    dry = reconcile_on(containerd, namespace, world.root, "--once", "--dry-run", "--policy", str(policy))
+    assert dry.code == 3
+    assert f"keep {protected}-committed: protected base image {protected_ref}" in dry.stdout
+    assert "keep obuilder-keepme-leaf: protected by snapshotKeys glob 'obuilder-keepme-*'" in dry.stdout
+    assert "baseImages 'mcr.microsoft.com/typo:1'" in dry.stdout and "matches no snapshot" in dry.stdout
+
+    run = reconcile_on(containerd, namespace, world.root, "--once", "--policy", str(policy))
+    assert run.code == 0, run.stdout + run.stderr
+    left = set(containerd.snapshot_keys(namespace))
+    assert {protected + "-committed", "obuilder-keepme-leaf", *chain, sibling + "-committed"} <= left
+    assert not set(children) & left, "children of a protected base are not protected"
+    # The sibling base survives only as an ancestor of the protected leaf; without that leaf it goes.
+    containerd.ctr("snapshots", "--snapshotter", "native", "rm", "obuilder-keepme-leaf", namespace=namespace)
+    again = reconcile_on(containerd, namespace, world.root, "--once", "--policy", str(policy))
+    assert again.code == 0
+    left = set(containerd.snapshot_keys(namespace))
+    assert protected + "-committed" in left
+    assert not {sibling + "-committed", *chain} & left
