@@ -123,16 +123,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
     # Rule 1: finished results keep their committed snapshot.
     for e in store.results:
         if e.layerinfo_error is not None:
-            _keep_unreadable(e, keep, warnings)
-            decisions.append(
-                Decision(
-                    kind="result",
-                    name=e.id,
-                    keep=True,
-                    rule="unreadable-layerinfo",
-                    reason=f"result/{e.id}: {e.layerinfo_error}; its snapshots are kept until a human looks",
-                )
-            )
+            decisions.append(_keep_unreadable(e, keep, warnings))
             continue
         for key in e.snapshot_keys:
             keep.add(key + "-committed", "result", f"result/{e.id} exists (its snapshot is {key})")
@@ -145,16 +136,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
             key_to_tmp[key] = key_to_tmp[key + "-committed"] = e
         name = f"result-tmp/{e.id}"
         if e.layerinfo_error is not None:
-            _keep_unreadable(e, keep, warnings)
-            decisions.append(
-                Decision(
-                    kind="result-tmp",
-                    name=e.id,
-                    keep=True,
-                    rule="unreadable-layerinfo",
-                    reason=f"{name}: {e.layerinfo_error}; kept with its snapshots until a human looks",
-                )
-            )
+            decisions.append(_keep_unreadable(e, keep, warnings))
             continue
         live, reason = _judge_tmp(e, name in used_entries, options, now, mode)
         if live:
@@ -283,7 +265,7 @@ def _judge_tmp(e: StoreEntry, used: bool, options: PlanOptions, now: datetime, m
     return False, f"{name} unchanged for longer than staleAfter {options.stale_after} and no container uses it"
 
 
-def _keep_unreadable(e: StoreEntry, keep: _Keep, warnings: list[str]) -> None:
+def _keep_unreadable(e: StoreEntry, keep: _Keep, warnings: list[str]) -> Decision:
     # We cannot know which snapshot the entry names, so we keep every key OBuilder
     # would have used for it and never delete on a guess.
     why = f"{e.area}/{e.id} has an unreadable layerinfo; kept until a human looks"
@@ -291,6 +273,13 @@ def _keep_unreadable(e: StoreEntry, keep: _Keep, warnings: list[str]) -> None:
         keep.add(key, "unreadable-layerinfo", why)
         keep.add(key + "-committed", "unreadable-layerinfo", why)
     warnings.append(f"unreadable layerinfo: {e.layerinfo_error}")
+    return Decision(
+        kind=e.area,
+        name=e.id,
+        keep=True,
+        rule="unreadable-layerinfo",
+        reason=f"{e.area}/{e.id}: {e.layerinfo_error}; kept with its snapshots until a human looks",
+    )
 
 
 def _keep_ancestors(keep: _Keep, parent_of: dict[str, str | None]) -> None:
