@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.explain:
         return explain(args.explain, observe(), options, now(), mode)
     if not args.once:
-        raise UsageError("daemon mode is not available yet: run with --once (boot mode)")
+        return run_daemon(args, env, settings)
     if not args.force:
         running = platform.find_running(settings.worker_names)
         if running:
@@ -178,6 +179,21 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return go()
     with StoreLock(settings.store):
         return go()
+
+
+def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> int:
+    """Beside a live worker, until SIGTERM/SIGINT. Never boot semantics, so no worker check."""
+    if args.dry_run or args.json:
+        raise UsageError("--dry-run and --json go with --once (or --explain); the daemon logs each pass")
+    import anyio
+
+    from controller.daemon import Daemon
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
+    with StoreLock(settings.store):
+        daemon = Daemon(load=lambda: resolve_settings(args, env))
+        return anyio.run(daemon.run)
 
 
 def explain(name: str, observation: Observation, options: PlanOptions, now: datetime, mode: Mode) -> int:

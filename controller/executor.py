@@ -6,6 +6,7 @@ is skipped, not forced: the next pass observes again and decides afresh.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,7 +65,10 @@ def execute(
     containerd: ContainerdActuator,
     store: StoreActuator,
     reporter: Reporter | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> PassResult:
+    """Run the plan in order. ``should_stop`` is asked before each action (one ctr call
+    or one directory): a shutdown finishes the action under way, not the whole pass."""
     report = reporter or Reporter()
     out = PassResult()
     reasons: dict[tuple[ObjectKind, str], str] = {}
@@ -80,9 +84,11 @@ def execute(
     for c in plan.containers:
         reasons[("container", c.id)] = c.reason
     with_task = [c.id for c in plan.containers if c.task is not TaskStatus.ABSENT]
+    if should_stop():
+        return out
     task_results = containerd.delete_tasks(with_task) if with_task else {}
     container_ids = [c.id for c in plan.containers]
-    if container_ids:
+    if container_ids and not should_stop():
         for cid, result in containerd.remove_containers(container_ids).items():
             task = task_results.get(cid)
             if not result.outcome.done and task is not None and not task.outcome.done:
@@ -94,6 +100,8 @@ def execute(
     failed: set[str] = set()
     blocked: dict[str, str] = {}
     for level in plan.snapshot_levels:
+        if should_stop():
+            return out
         keys = []
         for s in level:
             reasons[("snapshot", s.key)] = s.reason
@@ -115,6 +123,8 @@ def execute(
 
     # 3. result-tmp/ entries, once the snapshots they name are gone.
     for t in plan.tmp_entries:
+        if should_stop():
+            return out
         reasons[("result-tmp", t.id)] = t.reason
         waiting = [k for k in t.after if k in failed]
         if waiting:
@@ -124,6 +134,8 @@ def execute(
 
     # 4. cache-tmp/ leftovers (boot only; the planner decides).
     for leftover in plan.cache_tmp:
+        if should_stop():
+            return out
         reasons[("cache-tmp", leftover.name)] = leftover.reason
         record("cache-tmp", leftover.name, store.remove_cache_tmp(leftover.name))
     return out

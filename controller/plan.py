@@ -97,6 +97,9 @@ class Plan(Record):
     drift: StoreDrift = StoreDrift()
     #: Things a human must look at that block no action (an unreadable layerinfo...).
     warnings: tuple[str, ...] = ()
+    #: Daemon: the soonest an object kept only for now (grace, staleAfter) may go;
+    #: the loop comes back then rather than a whole interval later.
+    requeue_after: timedelta | None = None
 
     @property
     def snapshots(self) -> tuple[SnapshotRemoval, ...]:

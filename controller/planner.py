@@ -14,7 +14,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 
 from controller.plan import (
@@ -74,6 +74,8 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
     keep = _Keep(owned=owned)
     decisions: list[Decision] = []
     warnings: list[str] = []
+    #: When something kept only for now (grace, staleAfter) may change its verdict.
+    wake: list[datetime] = []
 
     # Containers first: which are kept decides rules 2 and 4.
     task_of = {t.id: t.status for t in cd.tasks}
@@ -84,6 +86,8 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
             continue
         status = task_of.get(c.id, TaskStatus.ABSENT)
         rule, reason = _judge_container(c, status, options, now, mode, history.containers_idle_since)
+        if rule == "grace":
+            wake.append(history.containers_idle_since.get(c.id, now) + options.grace_period)
         if rule == "leftover":
             removals.append(ContainerRemoval(id=c.id, task=status, reason=reason))
         else:
@@ -139,6 +143,8 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
             decisions.append(_keep_unreadable(e, keep, warnings))
             continue
         live, reason = _judge_tmp(e, name in used_entries, options, now, mode)
+        if live and mode is Mode.DAEMON and name not in used_entries:
+            wake.append((e.changed_at or now) + options.stale_after)
         if live:
             for key in e.snapshot_keys:
                 keep.add(key, "live-build", f"{name} is a live build")
@@ -178,6 +184,12 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
             first = history.snapshots_first_seen.get(k)
             if first is None or now - first < options.grace_period:
                 keep.add(k, "grace", f"first seen less than {options.grace_period} ago")
+
+    wake += [
+        history.snapshots_first_seen.get(k, now) + options.grace_period
+        for k, (rule, _) in keep.why.items()
+        if rule == "grace"
+    ]
 
     # Rule 5: the ancestors of anything kept.
     _keep_ancestors(keep, parent_of)
@@ -226,6 +238,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         decisions=tuple(decisions),
         drift=_drift(observation, set(parent_of)),
         warnings=tuple(warnings),
+        requeue_after=max(min(wake) - now, timedelta(0)) if wake else None,
     )
 
 

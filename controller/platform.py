@@ -8,9 +8,11 @@ run) lives here, so the rest of the package never asks which one it is on.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import sys
-from typing import IO
+from collections.abc import AsyncIterator
+from typing import IO, Literal
 
 IS_WINDOWS = sys.platform == "win32"
 
@@ -116,3 +118,30 @@ def find_running(wanted: tuple[str, ...]) -> list[str]:
         if w in running or (len(w) > 15 and w[:15] in running):
             found.append(name)
     return found
+
+
+async def signals() -> AsyncIterator[Literal["reload", "stop"]]:
+    """The daemon's signals: SIGHUP reloads; SIGTERM, SIGINT (and Windows' Ctrl-Break) stop."""
+    if IS_WINDOWS:
+        # asyncio on Windows has no add_signal_handler: take the signal in the main
+        # thread and hand it to the loop thread-safely. Service managers stop a
+        # console program with Ctrl-C or Ctrl-Break.
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Literal["stop"]] = asyncio.Queue()
+
+        def handler(signum: int, frame: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, "stop")
+
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), handler)
+        while True:
+            yield await queue.get()
+    else:
+        import anyio
+
+        with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as received:
+            async for signum in received:
+                yield "reload" if signum == signal.SIGHUP else "stop"

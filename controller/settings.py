@@ -39,6 +39,7 @@ class Settings:
     interval: timedelta
     worker_names: tuple[str, ...]
     policy: ReconcilePolicy = field(repr=False, compare=False)
+    policy_path: Path | None = None
 
     def plan_options(self, mode: Mode) -> PlanOptions:
         """The deletion limit is for a daemon pacing itself beside a worker; at boot, remove it all."""
@@ -87,4 +88,5 @@ def resolve(overrides: Overrides, policy_path: str | None, env: Mapping[str, str
         interval=spec.timing.interval,
         worker_names=spec.worker.process_names,
         policy=policy,
+        policy_path=Path(policy_path) if policy_path else None,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ def test_case(path: Path) -> None:
         assert {d.name: d.rule for d in p.decisions if d.kind == "container" and d.keep} == expect["kept_containers"]
     if "drift" in expect:
         assert p.drift.model_dump(mode="json") == expect["drift"]
+    if "requeue_after" in expect:
+        assert p.requeue_after == timedelta(seconds=expect["requeue_after"])
     for words in expect.get("warnings_contain", []):
         assert any(words in w for w in p.warnings), (words, p.warnings)
     # Every action says why, in words.

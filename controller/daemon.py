@@ -1,0 +1,207 @@
+"""Daemon mode: a level-triggered loop beside a live worker.
+
+The loop owns time. It runs a pass at start-up and then whenever something asks
+for one: the resync interval, a change under ``result/`` or ``result-tmp/``, the
+moment a grace period or ``staleAfter`` runs out, SIGHUP or a change of the
+policy file (both reload it). Passes never overlap: triggers that arrive during a
+pass coalesce into one more pass. A failing pass (containerd down, ctr timing out,
+the DB locked) is retried with capped, jittered exponential backoff, and the loop
+goes on. SIGTERM or SIGINT lets the action under way finish, then exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+from watchfiles import awatch
+
+from controller import platform
+from controller.containerd import CtrContainerd
+from controller.ctr import Ctr
+from controller.errors import ReconcileError
+from controller.executor import Reporter, execute
+from controller.plan import Mode, Plan
+from controller.planner import plan as make_plan
+from controller.records import ContainerdState, History, Observation, TaskStatus
+from controller.settings import Settings
+from controller.store import observe_store
+from controller.store_cleanup import StoreCleaner
+
+log = logging.getLogger("reconcile")
+
+_LIVE = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING, TaskStatus.CREATED})
+#: Backoff after a failed pass: 1 s doubling to 2 minutes, each delay jittered down by up to half.
+BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
+
+
+def remember(history: History, containerd: ContainerdState, now: datetime) -> History:
+    """The daemon's memory, brought up to date with one observation.
+
+    When each snapshot was first seen, and since when each container has had no
+    live task; objects that are gone are forgotten.
+    """
+    first_seen = {s.key: history.snapshots_first_seen.get(s.key, now) for s in containerd.snapshots}
+    live = {t.id for t in containerd.tasks if t.status in _LIVE}
+    idle = {c.id: history.containers_idle_since.get(c.id, now) for c in containerd.containers if c.id not in live}
+    return History(snapshots_first_seen=first_seen, containers_idle_since=idle)
+
+
+def backoff(failures: int, rng: random.Random) -> float:
+    delay: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** max(failures - 1, 0))
+    return delay * (0.5 + rng.random() / 2)
+
+
+@dataclass
+class PassReport:
+    plan: Plan
+    removed: int
+    failed: int
+    seconds: float
+
+
+@dataclass
+class Daemon:
+    """Runs passes until told to stop. ``load`` re-reads the settings (policy reload)."""
+
+    load: Callable[[], Settings]
+    reporter: Reporter = field(default_factory=Reporter)
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    settings: Settings = field(init=False)
+    history: History = field(default_factory=History)
+    passes: int = 0
+    stopping: threading.Event = field(default_factory=threading.Event)
+    _wake: anyio.Event = field(init=False)
+    _stop: anyio.Event = field(init=False)
+    _rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self.settings = self.load()
+
+    def trigger(self, why: str) -> None:
+        if not self._wake.is_set():
+            log.debug("pass requested: %s", why)
+        self._wake.set()
+
+    async def run(self) -> int:
+        self._wake = anyio.Event()
+        self._stop = anyio.Event()
+        self.trigger("start-up")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._signals)
+            tg.start_soon(self._watch_store)
+            tg.start_soon(self._watch_policy)
+            await self._loop()
+            tg.cancel_scope.cancel()
+        log.info("stopped after %d passes", self.passes)
+        return 0
+
+    def request_stop(self) -> None:
+        # Read by the executor thread between actions, so the action under way finishes.
+        self.stopping.set()
+        self._stop.set()
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        failures = 0
+        next_in = self.settings.interval.total_seconds()
+        while not self.stopping.is_set():
+            with anyio.move_on_after(next_in):
+                await self._wake.wait()
+            if self.stopping.is_set():
+                return
+            self._wake = anyio.Event()  # triggers from now on ask for one more pass
+            try:
+                report = await anyio.to_thread.run_sync(self.run_pass)
+            except ReconcileError as e:
+                failures += 1
+                next_in = backoff(failures, self._rng)
+                log.warning("pass failed (%s); retrying in %.1f s", e, next_in)
+                continue
+            failures = 0
+            next_in = self._next_in(report)
+
+    def _next_in(self, report: PassReport) -> float:
+        interval = self.settings.interval.total_seconds()
+        if report.removed or report.plan.deferred:
+            return 0.0  # level-triggered: look again at once until nothing moves
+        if report.plan.requeue_after is not None:
+            return min(interval, report.plan.requeue_after.total_seconds() + 0.05)
+        return interval
+
+    def run_pass(self) -> PassReport:
+        """One pass: observe both sides, remember, plan, act. Runs in a worker thread."""
+        t0 = self.clock()
+        settings = self.settings
+        ctr = Ctr(settings.ctr)
+        options = settings.plan_options(Mode.DAEMON)
+        containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
+        store_state = observe_store(settings.store)
+        cd_state = containerd.observe()
+        now = self.clock()
+        self.history = remember(self.history, cd_state, now)
+        observation = Observation(store=store_state, containerd=cd_state, history=self.history)
+        plan = make_plan(observation, options, now, Mode.DAEMON)
+        self.passes += 1
+        self.reporter.pass_started(self.passes, plan)
+        result = execute(plan, containerd, StoreCleaner(settings.store), self.reporter, self.stopping.is_set)
+        seconds = (self.clock() - t0).total_seconds()
+        report = PassReport(plan=plan, removed=result.progress, failed=len(result.failures()), seconds=seconds)
+        kept = sum(1 for d in plan.decisions if d.keep and d.kind == "snapshot")
+        log.info(
+            "pass %d: %d removed, %d failed, %d deferred, %d owned snapshots kept, %d ctr calls, %.2f s",
+            self.passes,
+            report.removed,
+            report.failed,
+            len(plan.deferred),
+            kept,
+            ctr.calls,
+            seconds,
+        )
+        return report
+
+    async def _signals(self) -> None:
+        async for what in platform.signals():
+            if what == "reload":
+                self._reload("SIGHUP")
+            else:
+                log.info("stop requested; finishing the action under way")
+                self.request_stop()
+                return
+
+    def _reload(self, why: str) -> None:
+        try:
+            self.settings = self.load()
+        except ReconcileError as e:
+            log.error("policy reload (%s) failed, keeping the previous policy: %s", why, e)
+            return
+        log.info("policy reloaded (%s)", why)
+        self.trigger(f"policy reloaded ({why})")
+
+    async def _watch_store(self) -> None:
+        # Top level only: entries appearing and going is what changes a plan, and a
+        # recursive watch of result/ would cost a watch per folder of every layer.
+        folders = [p for p in (self.settings.store / "result", self.settings.store / "result-tmp") if p.is_dir()]
+        if not folders:
+            return
+        async for changes in awatch(*folders, recursive=False, debounce=1000, step=100, stop_event=self._stop):
+            self.trigger(f"{len(changes)} change(s) in the store")
+
+    async def _watch_policy(self) -> None:
+        path = self.settings.policy_path
+        if path is None:
+            return
+        target = str(path.resolve())
+        folder = path.resolve().parent
+
+        def is_policy(_: object, changed: str) -> bool:
+            return str(Path(changed).resolve()) == target
+
+        async for _ in awatch(folder, watch_filter=is_policy, recursive=False, debounce=500, stop_event=self._stop):
+            self._reload("policy file changed")

@@ -1,0 +1,288 @@
+"""Daemon mode beside a live (simulated) OBuilder worker, on the real containerd."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from controller.daemon import Daemon, PassReport, backoff, remember
+from controller.errors import CtrError
+from controller.executor import execute
+from controller.plan import Mode, Plan, PlanOptions
+from controller.planner import plan
+from controller.records import (
+    Container,
+    ContainerdState,
+    History,
+    Observation,
+    Snapshot,
+    StoreState,
+    Task,
+    TaskStatus,
+)
+from controller.settings import Overrides, resolve
+from tests.support.containerd import PrivateContainerd
+from tests.support.fake import FakeContainerd, FakeStore
+from tests.support.sim_worker import LeakMonitor, SimWorker
+from tests.support.world import World, create_store
+
+GRACE, INTERVAL, PASS_BUDGET = 3.0, 5.0, 5.0
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
+NOW = datetime(2026, 11, 29, tzinfo=UTC)
+
+
+def policy(path: Path, namespace: str, *, grace: float = GRACE, interval: float = INTERVAL) -> Path:
+    path.write_text(
+        "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: soak}\nspec:\n"
+        f"  containerd: {{namespace: {namespace}, snapshotter: native}}\n"
+        f"  timing: {{gracePeriod: {grace:g}s, staleAfter: 30s, interval: {interval:g}s}}\n"
+    )
+    return path
+
+
+class DaemonProcess:
+    def __init__(self, cd: PrivateContainerd, store: Path, policy_file: Path, log: Path) -> None:
+        self.log = log
+        self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        argv = [sys.executable, "-m", "controller", "--policy", str(policy_file), "--store", str(store)]
+        self.proc = subprocess.Popen([*argv, "--address", cd.address], stdout=self.out, stderr=self.out)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.text())
+            if m:
+                return m
+            assert self.proc.poll() is None, self.text()
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in the daemon's log:\n{self.text()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.out.close()
+
+
+@pytest.fixture
+def daemon_factory(containerd: PrivateContainerd, tmp_path: Path) -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def test_history_remembers_first_sight_and_forgets_what_went() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    state = ContainerdState(
+        snapshots=(Snapshot(key="a"), Snapshot(key="b")),
+        containers=(Container(id="run-1"), Container(id="run-2")),
+        tasks=(Task(id="run-1", status=TaskStatus.RUNNING), Task(id="run-2", status=TaskStatus.STOPPED)),
+    )
+    h = remember(History(), state, t0)
+    later = t0 + timedelta(minutes=1)
+    state2 = ContainerdState(
+        snapshots=(Snapshot(key="b"), Snapshot(key="c")),
+        containers=(Container(id="run-1"), Container(id="run-2")),
+        tasks=(Task(id="run-1", status=TaskStatus.STOPPED),),
+    )
+    h2 = remember(h, state2, later)
+    assert h2.snapshots_first_seen == {"b": t0, "c": later}
+    assert h2.containers_idle_since == {"run-1": later, "run-2": t0}
+
+
+def test_backoff_doubles_is_capped_and_jittered() -> None:
+    import random
+
+    rng = random.Random(1)
+    delays = [backoff(n, rng) for n in range(1, 12)]
+    assert all(
+        0.5 * min(120, 2 ** (n - 1)) <= d <= min(120, 2 ** (n - 1)) for n, d in zip(range(1, 12), delays, strict=True)
+    )
+    assert max(delays) <= 120
+
+
+@pytest.mark.containerd
+def test_daemon_never_disturbs_a_live_build_and_reclaims_every_leak(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, daemon_factory: list[DaemonProcess]
+) -> None:
+    base = world.base("mcr.microsoft.com/windows/servercore:ltsc2022")
+    worker = SimWorker(world, base)
+    daemon = DaemonProcess(containerd, world.root, policy(tmp_path / "p.yaml", namespace), tmp_path / "daemon.log")
+    daemon_factory.append(daemon)
+    daemon.wait_for(r"pass 1:")
+    monitor = LeakMonitor(worker)
+    monitor.start()
+    started = time.monotonic()
+    stats = worker.run(SOAK_SECONDS)
+    bound = GRACE + INTERVAL + PASS_BUDGET
+    deadline = time.monotonic() + bound
+    while monitor.pending() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    monitor.done.set()
+    monitor.join()
+    code = daemon.stop()
+    times = sorted(leak.reclaimed - leak.created for leak in stats.leaks if leak.reclaimed is not None)
+    passes = len(re.findall(r"pass \d+:", daemon.text()))
+    print(
+        f"\nsoak: {time.monotonic() - started:.0f} s, {stats.builds} builds, {stats.successes} succeeded, "
+        f"{stats.cancellations} cancelled, {stats.prunes} buggy prunes, {len(stats.leaks)} leaks, "
+        f"{len(times)} reclaimed, time to reclaim: median {times[len(times) // 2] if times else 0:.1f} s, "
+        f"max {times[-1] if times else 0:.1f} s (bound {bound:g} s), {passes} daemon passes"
+    )
+    assert stats.failures == [], "the worker failed: something it needed was removed under it"
+    assert stats.cancellations > 0 and stats.prunes > 0 and stats.successes > 0
+    assert not monitor.pending(), f"leaks not reclaimed: {[leak.names for leak in monitor.pending()]}"
+    assert times[-1] <= bound
+    assert code == 0, daemon.text()[-2000:]
+    # What the store still needs is all there.
+    keys = set(containerd.snapshot_keys(namespace))
+    assert {key + "-committed" for key in worker.results.values()} <= keys
+
+
+@pytest.mark.containerd
+def test_daemon_rides_out_containerd_going_away_and_recovers(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, daemon_factory: list[DaemonProcess]
+) -> None:
+    # A daemon of its own, so stopping it does not disturb the session's.
+    own = PrivateContainerd().start()
+    try:
+        w = World(own, "rec", tmp_path / "store2")
+        base = w.base("b:1")
+        daemon = DaemonProcess(own, w.root, policy(tmp_path / "p.yaml", "rec", grace=1, interval=2), tmp_path / "d.log")
+        daemon_factory.append(daemon)
+        daemon.wait_for(r"pass 1:")
+        own._stop_daemon()
+        daemon.wait_for(r"pass failed .*retrying in", timeout=40)
+        own.start()
+        leaked = w.orphan_chain(base, "after", 2)
+        deadline = time.monotonic() + 60
+        while set(leaked) & set(own.snapshot_keys("rec")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not set(leaked) & set(own.snapshot_keys("rec")), daemon.text()[-3000:]
+        assert daemon.proc.poll() is None
+        assert daemon.stop() == 0
+    finally:
+        own.stop()
+
+
+@pytest.mark.containerd
+def test_sighup_reloads_the_policy_and_a_bad_policy_keeps_the_old_one(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, daemon_factory: list[DaemonProcess]
+) -> None:
+    base = world.base("b:1")
+    orphan = world.orphan_chain(base, "o", 1)
+    path = tmp_path / "p.yaml"
+    policy(path, namespace, grace=3600, interval=3600)  # an hour's grace: nothing goes yet
+    daemon = DaemonProcess(containerd, world.root, path, tmp_path / "d.log")
+    daemon_factory.append(daemon)
+    daemon.wait_for(r"pass 1:")
+    path.write_text(path.read_text().replace("gracePeriod: 3600s", "gracePeriods: 1s"))
+    daemon.wait_for(r"policy reload \(policy file changed\) failed, keeping the previous policy: .*gracePeriods")
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_for(r"policy reload \(SIGHUP\) failed, keeping the previous policy: .*gracePeriods: unknown field")
+    assert orphan[0] in containerd.snapshot_keys(namespace)
+    policy(path, namespace, grace=0, interval=3600)
+    daemon.wait_for(r"policy reloaded \(policy file changed\)")
+    deadline = time.monotonic() + 20
+    while orphan[0] in containerd.snapshot_keys(namespace) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert orphan[0] not in containerd.snapshot_keys(namespace)
+    assert daemon.stop() == 0
+
+
+def _daemon_with(pass_fn: Callable[[], PassReport], tmp_path: Path) -> Daemon:
+    root = create_store(tmp_path / "store")
+    settings = resolve(Overrides(store=str(root)), None, {})
+    d = Daemon(load=lambda: settings)
+    d.run_pass = pass_fn  # type: ignore[method-assign]
+    return d
+
+
+def test_triggers_during_a_pass_coalesce_into_one_more_and_passes_never_overlap(tmp_path: Path) -> None:
+    running = threading.Lock()
+    calls: list[float] = []
+    empty = PassReport(plan=Plan(mode=Mode.DAEMON), removed=0, failed=0, seconds=0)
+
+    def slow_pass() -> PassReport:
+        assert running.acquire(blocking=False), "two passes overlapped"
+        try:
+            calls.append(time.monotonic())
+            time.sleep(0.3)
+        finally:
+            running.release()
+        return empty
+
+    daemon = _daemon_with(slow_pass, tmp_path)
+
+    async def scenario() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            await anyio.sleep(0.1)  # the start-up pass is under way
+            for _ in range(20):
+                daemon.trigger("burst")
+                await anyio.sleep(0.005)
+            await anyio.sleep(1.0)
+            daemon.request_stop()
+
+    anyio.run(scenario)
+    assert len(calls) == 2, "start-up pass, then one pass for the whole burst"
+
+
+def test_a_failing_pass_backs_off_and_the_loop_goes_on(tmp_path: Path) -> None:
+    outcomes: list[str] = []
+    empty = PassReport(plan=Plan(mode=Mode.DAEMON), removed=0, failed=0, seconds=0)
+
+    def flaky() -> PassReport:
+        if len(outcomes) < 2:
+            outcomes.append("fail")
+            raise CtrError(["ctr"], 1, "ctr: failed to dial: connection refused")
+        outcomes.append("ok")
+        return empty
+
+    daemon = _daemon_with(flaky, tmp_path)
+
+    async def scenario() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            with anyio.fail_after(10):
+                while "ok" not in outcomes:
+                    await anyio.sleep(0.05)
+            daemon.request_stop()
+
+    anyio.run(scenario)
+    assert outcomes == ["fail", "fail", "ok"]
+
+
+def test_stopping_finishes_the_action_under_way_not_the_pass() -> None:
+    fake = FakeContainerd(parents={"obuilder-a": None, "obuilder-b": "obuilder-a", "obuilder-c": "obuilder-b"})
+    store = FakeStore(StoreState(root="/s"))
+    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
+    asked: list[int] = []
+
+    def stop_after_first_action() -> bool:
+        asked.append(1)
+        return len(asked) > 2  # containers, then the first level; stop before the second level
+
+    result = execute(p, fake, store, should_stop=stop_after_first_action)
+    assert [r.name for r in result.results] == ["obuilder-c"]
+    assert set(fake.parents) == {"obuilder-a", "obuilder-b"}
