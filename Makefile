@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo crds clean
+.PHONY: setup test lint demo crds bench bench-daemon clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,14 @@ test: setup lint
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check controller tests examples
+	$(BIN)/ruff check controller tests examples bench
 	$(BIN)/mypy controller
 
 demo: setup
 	$(BIN)/python examples/demo.py
+
+bench-daemon: setup
+	$(BIN)/python bench/daemon_bench.py
 
 # The CRD and the README's policy reference are generated from controller/policy.py.
 crds: setup

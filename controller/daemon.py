@@ -12,12 +12,12 @@ goes on. SIGTERM or SIGINT lets the action under way finish, then exits 0.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import anyio
 from watchfiles import awatch
@@ -80,13 +80,15 @@ class Daemon:
     _wake: anyio.Event = field(init=False)
     _stop: anyio.Event = field(init=False)
     _rng: random.Random = field(default_factory=random.Random)
+    _why: str = "start-up"
+    _current: str = "start-up"
 
     def __post_init__(self) -> None:
         self.settings = self.load()
 
     def trigger(self, why: str) -> None:
         if not self._wake.is_set():
-            log.debug("pass requested: %s", why)
+            self._why = why
         self._wake.set()
 
     async def run(self) -> int:
@@ -95,8 +97,7 @@ class Daemon:
         self.trigger("start-up")
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
-            tg.start_soon(self._watch_store)
-            tg.start_soon(self._watch_policy)
+            tg.start_soon(self._watch)
             await self._loop()
             tg.cancel_scope.cancel()
         log.info("stopped after %d passes", self.passes)
@@ -112,10 +113,11 @@ class Daemon:
         failures = 0
         next_in = self.settings.interval.total_seconds()
         while not self.stopping.is_set():
-            with anyio.move_on_after(next_in):
+            with anyio.move_on_after(next_in) as timer:
                 await self._wake.wait()
             if self.stopping.is_set():
                 return
+            self._current = "resync interval or requeue" if timer.cancelled_caught else self._why
             self._wake = anyio.Event()  # triggers from now on ask for one more pass
             try:
                 report = await anyio.to_thread.run_sync(self.run_pass)
@@ -155,8 +157,9 @@ class Daemon:
         report = PassReport(plan=plan, removed=result.progress, failed=len(result.failures()), seconds=seconds)
         kept = sum(1 for d in plan.decisions if d.keep and d.kind == "snapshot")
         log.info(
-            "pass %d: %d removed, %d failed, %d deferred, %d owned snapshots kept, %d ctr calls, %.2f s",
+            "pass %d (%s): %d removed, %d failed, %d deferred, %d owned snapshots kept, %d ctr calls, %.2f s",
             self.passes,
+            self._current,
             report.removed,
             report.failed,
             len(plan.deferred),
@@ -184,24 +187,22 @@ class Daemon:
         log.info("policy reloaded (%s)", why)
         self.trigger(f"policy reloaded ({why})")
 
-    async def _watch_store(self) -> None:
-        # Top level only: entries appearing and going is what changes a plan, and a
-        # recursive watch of result/ would cost a watch per folder of every layer.
-        folders = [p for p in (self.settings.store / "result", self.settings.store / "result-tmp") if p.is_dir()]
+    async def _watch(self) -> None:
+        """One watcher for the store's top folders and the policy file's folder.
+
+        Top level only: entries appearing and going is what changes a plan, and a
+        recursive watch of result/ would cost a watch per folder of every layer.
+        """
+        store = [p for p in (self.settings.store / "result", self.settings.store / "result-tmp") if p.is_dir()]
+        policy = self.settings.policy_path.resolve() if self.settings.policy_path else None
+        folders = [*store, *([policy.parent] if policy else [])]
         if not folders:
             return
+        store_prefixes = tuple(str(p) + os.sep for p in store)
         async for changes in awatch(*folders, recursive=False, debounce=1000, step=100, stop_event=self._stop):
-            self.trigger(f"{len(changes)} change(s) in the store")
-
-    async def _watch_policy(self) -> None:
-        path = self.settings.policy_path
-        if path is None:
-            return
-        target = str(path.resolve())
-        folder = path.resolve().parent
-
-        def is_policy(_: object, changed: str) -> bool:
-            return str(Path(changed).resolve()) == target
-
-        async for _ in awatch(folder, watch_filter=is_policy, recursive=False, debounce=500, stop_event=self._stop):
-            self._reload("policy file changed")
+            paths = {changed for _, changed in changes}
+            if policy is not None and str(policy) in paths:
+                self._reload("policy file changed")
+            in_store = sum(1 for p in paths if p.startswith(store_prefixes))
+            if in_store:
+                self.trigger(f"{in_store} changes in the store")

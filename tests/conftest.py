@@ -10,7 +10,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,20 @@ from tests.support.containerd import ContainerdUnavailable, PrivateContainerd
 from tests.support.world import World
 
 _namespaces = itertools.count(1)
+_measurements: list[str] = []
+
+
+@pytest.fixture
+def measure() -> Callable[[str], None]:
+    """Record a line of numbers a test measured; they are printed at the end of the run."""
+    return _measurements.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _measurements:
+        terminalreporter.section("measurements")
+        for line in _measurements:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture

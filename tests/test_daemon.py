@@ -123,13 +123,18 @@ def test_backoff_doubles_is_capped_and_jittered() -> None:
 
 @pytest.mark.containerd
 def test_daemon_never_disturbs_a_live_build_and_reclaims_every_leak(
-    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, daemon_factory: list[DaemonProcess]
+    world: World,
+    containerd: PrivateContainerd,
+    namespace: str,
+    tmp_path: Path,
+    daemon_factory: list[DaemonProcess],
+    measure: Callable[[str], None],
 ) -> None:
     base = world.base("mcr.microsoft.com/windows/servercore:ltsc2022")
     worker = SimWorker(world, base)
     daemon = DaemonProcess(containerd, world.root, policy(tmp_path / "p.yaml", namespace), tmp_path / "daemon.log")
     daemon_factory.append(daemon)
-    daemon.wait_for(r"pass 1:")
+    daemon.wait_for(r"pass 1 ")
     monitor = LeakMonitor(worker)
     monitor.start()
     started = time.monotonic()
@@ -142,9 +147,9 @@ def test_daemon_never_disturbs_a_live_build_and_reclaims_every_leak(
     monitor.join()
     code = daemon.stop()
     times = sorted(leak.reclaimed - leak.created for leak in stats.leaks if leak.reclaimed is not None)
-    passes = len(re.findall(r"pass \d+:", daemon.text()))
-    print(
-        f"\nsoak: {time.monotonic() - started:.0f} s, {stats.builds} builds, {stats.successes} succeeded, "
+    passes = len(re.findall(r"pass \d+ ", daemon.text()))
+    measure(
+        f"soak: {time.monotonic() - started:.0f} s, {stats.builds} builds, {stats.successes} succeeded, "
         f"{stats.cancellations} cancelled, {stats.prunes} buggy prunes, {len(stats.leaks)} leaks, "
         f"{len(times)} reclaimed, time to reclaim: median {times[len(times) // 2] if times else 0:.1f} s, "
         f"max {times[-1] if times else 0:.1f} s (bound {bound:g} s), {passes} daemon passes"
@@ -170,7 +175,7 @@ def test_daemon_rides_out_containerd_going_away_and_recovers(
         base = w.base("b:1")
         daemon = DaemonProcess(own, w.root, policy(tmp_path / "p.yaml", "rec", grace=1, interval=2), tmp_path / "d.log")
         daemon_factory.append(daemon)
-        daemon.wait_for(r"pass 1:")
+        daemon.wait_for(r"pass 1 ")
         own._stop_daemon()
         daemon.wait_for(r"pass failed .*retrying in", timeout=40)
         own.start()
@@ -195,7 +200,7 @@ def test_sighup_reloads_the_policy_and_a_bad_policy_keeps_the_old_one(
     policy(path, namespace, grace=3600, interval=3600)  # an hour's grace: nothing goes yet
     daemon = DaemonProcess(containerd, world.root, path, tmp_path / "d.log")
     daemon_factory.append(daemon)
-    daemon.wait_for(r"pass 1:")
+    daemon.wait_for(r"pass 1 ")
     path.write_text(path.read_text().replace("gracePeriod: 3600s", "gracePeriods: 1s"))
     daemon.wait_for(r"policy reload \(policy file changed\) failed, keeping the previous policy: .*gracePeriods")
     daemon.proc.send_signal(signal.SIGHUP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_once_repairs_the_wedged_worker_and_keeps_what_the_store_needs(
 
 @pytest.mark.containerd
 def test_removal_batches_so_ctr_calls_follow_depth_not_count(
-    world: World, containerd: PrivateContainerd, namespace: str
+    world: World, containerd: PrivateContainerd, namespace: str, measure: Callable[[str], None]
 ) -> None:
     base = world.base("base/image:1")
     for i in range(40):
@@ -78,5 +79,6 @@ def test_removal_batches_so_ctr_calls_follow_depth_not_count(
     assert run.code == 0, run.stderr
     summary = run.json["summary"]
     assert summary["removed"]["snapshot"] == 200
+    measure(f"200 orphans in 40 chains of 5: {summary['ctr_calls']} ctr calls, {summary['seconds']} s, 1 pass")
     # Observe twice (snapshots, containers, tasks) and one rm per level.
     assert summary["ctr_calls"] <= 3 + 5 + 3, summary

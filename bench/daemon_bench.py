@@ -1,0 +1,153 @@
+"""Daemon: CPU while idle, and delay from a change under result-tmp/ to the start of a pass.
+
+    make bench-daemon            (or: .venv/bin/python bench/daemon_bench.py --idle 30 --changes 20)
+
+Runs on a private containerd with a store of finished builds. Idle CPU is the
+daemon's user+system time over a quiet window, as a share of one core (target
+under 1%). The delay is measured from creating ``result-tmp/ID`` to the start of the
+pass it triggers (the end of the pass in the log minus its duration; target under
+2 s), and printed as a ratio to a bare watchfiles watcher on the same folder in
+this same process: the floor any file-triggered loop could reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.containerd import PrivateContainerd  # noqa: E402
+from tests.support.world import World  # noqa: E402
+
+_PASS = re.compile(r"^(\S+ \S+) INFO pass (\d+) \((.*)\): .*, ([\d.]+) s$", re.M)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pass_starts(log: str) -> list[tuple[int, float, str]]:
+    out = []
+    for stamp, number, why, seconds in _PASS.findall(log):
+        end = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        out.append((int(number), end - float(seconds), why))
+    return out
+
+
+def watchfiles_floor(folder: Path, changes: int) -> list[float]:
+    """Delay of a bare watchfiles watcher, with the daemon's own settings."""
+    from watchfiles import watch
+
+    delays: list[float] = []
+    stop = threading.Event()
+    seen = threading.Event()
+
+    def watcher() -> None:
+        for _ in watch(folder, recursive=False, debounce=1000, step=100, stop_event=stop):
+            seen.set()
+
+    thread = threading.Thread(target=watcher, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    for i in range(changes):
+        seen.clear()
+        t0 = time.time()
+        (folder / f"floor-{i}").mkdir()
+        seen.wait(10)
+        delays.append(time.time() - t0)
+        time.sleep(0.3)
+    stop.set()
+    thread.join(5)
+    return delays
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--idle", type=float, default=30, help="seconds of quiet to measure CPU over")
+    parser.add_argument("--changes", type=int, default=20, help="result-tmp/ changes to time")
+    parser.add_argument("--results", type=int, default=50, help="finished builds in the store")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="obr-bench-"))
+    cd = PrivateContainerd(work / "cd")
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        cd.start()
+        world = World(cd, "bench", work / "store")
+        base = parent = world.base("bench/base:1")
+        for i in range(args.results):  # chains of five finished steps on the base
+            parent = world.step(f"r{i}", base if i % 5 == 0 else parent)
+        policy = work / "policy.yaml"
+        policy.write_text(
+            "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: bench}\n"
+            "spec:\n  containerd: {namespace: bench, snapshotter: native}\n"
+            "  timing: {gracePeriod: 10m, staleAfter: 6h, interval: 5m}\n"
+        )
+        log_path = work / "daemon.log"
+        with open(log_path, "wb") as log:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "controller", "--policy", str(policy), "--store", str(world.root),
+                 "--address", cd.address],
+                stdout=log, stderr=log, cwd=REPO,
+            )  # fmt: skip
+        while not pass_starts(log_path.read_text()):
+            time.sleep(0.1)
+        time.sleep(2)
+
+        before = cpu_seconds(daemon.pid)
+        time.sleep(args.idle)
+        idle_share = (cpu_seconds(daemon.pid) - before) / args.idle
+
+        delays = []
+        for i in range(args.changes):
+            known = len(pass_starts(log_path.read_text()))
+            t0 = time.time()
+            (world.root / "result-tmp" / f"lat-{i}").mkdir()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                starts = pass_starts(log_path.read_text())
+                if len(starts) > known:
+                    delays.append(starts[known][1] - t0)
+                    break
+                time.sleep(0.02)
+            time.sleep(0.5)
+        floor_dir = work / "floor"
+        floor_dir.mkdir()
+        floor = watchfiles_floor(floor_dir, args.changes)
+
+        med, worst, floor_med = statistics.median(delays), max(delays), statistics.median(floor)
+        print(f"daemon idle CPU over {args.idle:g} s: {idle_share * 100:.3f}% of one core (target < 1%)")
+        print(
+            f"change under result-tmp/ -> pass start, {len(delays)} changes: median {med * 1000:.0f} ms, "
+            f"max {worst * 1000:.0f} ms (target < 2000 ms)"
+        )
+        print(
+            f"bare watchfiles watcher, same settings, same process: median {floor_med * 1000:.0f} ms; "
+            f"daemon/floor = {med / floor_med:.2f}"
+        )
+        ok = idle_share < 0.01 and worst < 2.0
+        return 0 if ok else 1
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+        cd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
