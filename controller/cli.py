@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 from controller import __version__, platform
 from controller.containerd import CtrContainerd
-from controller.ctr import Ctr
+from controller.ctr import Ctr, Outcome
 from controller.errors import (
     CtrError,
     CtrNotFoundError,
@@ -23,12 +23,14 @@ from controller.errors import (
     UsageError,
 )
 from controller.lock import StoreLock
-from controller.plan import Mode, PlanOptions
+from controller.plan import Mode, ObjectKind, Plan, PlanOptions
 from controller.planner import plan as make_plan
-from controller.reconciler import reconcile
+from controller.reconciler import Summary, reconcile
 from controller.records import Observation
 from controller.report import render_explain, render_plan, render_summary, to_json
+from controller.reporters import LogReporter, ProgressReporter, Reporter, Reporters, configure_logging
 from controller.settings import Overrides, Settings, resolve
+from controller.status import PassStatus, StatusFile, write_status
 from controller.store import check_store, observe_store
 from controller.store_cleanup import StoreCleaner
 
@@ -94,10 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-passes",
         type=int,
-        default=10,
         metavar="N",
-        help="give up after N passes that each made progress (default: 10)",
+        help="give up after N passes that each made progress (policy: spec.limits.maxPasses, default 10)",
     )
+    p.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="daemon: serve /metrics, /healthz, /readyz here ('off' disables; policy: spec.metrics.address, "
+        "default 127.0.0.1:9847)",
+    )
+    p.add_argument(
+        "--status-file",
+        metavar="PATH",
+        help="JSON status rewritten after each pass (default: STORE/state/obuilder-reconcile/status.json)",
+    )
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON lines")
     p.add_argument("-v", "--verbose", action="store_true", help="list every object in the plan")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -111,6 +124,8 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         snapshotter=args.snapshotter,
         ctr=args.ctr,
         max_passes=args.max_passes,
+        metrics_address=args.metrics_address,
+        status_file=args.status_file,
     )
     return resolve(overrides, args.policy, env)
 
@@ -157,6 +172,14 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             )
 
     def go() -> int:
+        configure_logging(args.log_format)
+        printer = PlanPrinter(verbose=args.verbose, enabled=not (args.json or args.dry_run))
+        reporters: list[Reporter] = [printer]
+        progress = ProgressReporter() if sys.stderr.isatty() and args.log_format == "text" else None
+        reporters.append(progress or LogReporter())
+        meter = UsageMeter(containerd) if settings.measure_bytes else None
+        if meter is not None:
+            reporters.append(meter)
         summary, first = reconcile(
             observe,
             options,
@@ -166,19 +189,79 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             now=now,
             max_passes=settings.max_passes,
             dry_run=args.dry_run,
+            reporter=Reporters(*reporters),
             ctr_calls=lambda: ctr.calls,
         )
+        if progress is not None:
+            progress.close()
         if args.json:
             print(to_json(first, summary))
         else:
-            print(render_plan(first, verbose=args.verbose))
+            if not printer.printed:
+                print(render_plan(first, verbose=args.verbose))
             print(render_summary(summary))
+            if meter is not None:
+                print(f"Orphans held {meter.orphan_bytes:,} bytes; {meter.reclaimed:,} reclaimed.")
+        if not args.dry_run:
+            write_status(settings.status_path, once_status(summary, now(), meter))
         return summary.exit_code
 
     if args.dry_run:
         return go()
     with StoreLock(settings.store):
         return go()
+
+
+class PlanPrinter(Reporter):
+    """Prints the first plan before anything is removed, so a human reads what is about to happen."""
+
+    def __init__(self, *, verbose: bool, enabled: bool) -> None:
+        self.verbose = verbose
+        self.enabled = enabled
+        self.printed = False
+
+    def pass_started(self, number: int, plan: Plan) -> None:
+        if self.enabled and not self.printed:
+            print(render_plan(plan, verbose=self.verbose), flush=True)
+            self.printed = True
+
+
+class UsageMeter(Reporter):
+    """Measures orphans before each pass acts (``measureBytes``) and adds up what went."""
+
+    def __init__(self, containerd: CtrContainerd) -> None:
+        self.containerd = containerd
+        self.sizes: dict[str, int] = {}
+        self.orphan_bytes = 0
+        self.reclaimed = 0
+
+    def pass_started(self, number: int, plan: Plan) -> None:
+        keys = [k for k in (*(s.key for s in plan.snapshots), *plan.deferred) if k not in self.sizes]
+        self.sizes.update(self.containerd.usage(keys))
+        if number == 1:
+            self.orphan_bytes = sum(self.sizes.values())
+
+    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
+        if kind == "snapshot":
+            self.reclaimed += self.sizes.get(name, 0)
+
+
+def once_status(summary: Summary, now: datetime, meter: UsageMeter | None) -> PassStatus:
+    ok = summary.exit_code == 0
+    return PassStatus(
+        time=now,
+        mode=summary.mode,
+        pass_number=summary.passes,
+        outcome="success" if ok else "error",
+        seconds=summary.seconds,
+        error=None if ok else f"did not converge: {len(summary.stuck)} stuck",
+        removed=summary.removed,
+        drift=summary.remaining,
+        stuck=summary.stuck,
+        owned={"snapshot": summary.kept_snapshots},
+        orphan_bytes=meter.orphan_bytes - meter.reclaimed if meter else None,
+        reclaimed_bytes=meter.reclaimed if meter else None,
+    )
 
 
 def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> int:
@@ -188,12 +271,23 @@ def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Setti
     import anyio
 
     from controller.daemon import Daemon
+    from controller.metrics import Endpoints, Metrics
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
+    configure_logging(args.log_format)
+    metrics = Metrics()
+    reporters = Reporters(LogReporter(), metrics, StatusFile(settings.status_path))
     with StoreLock(settings.store):
-        daemon = Daemon(load=lambda: resolve_settings(args, env))
-        return anyio.run(daemon.run)
+        daemon = Daemon(load=lambda: resolve_settings(args, env), reporter=reporters)
+        endpoints = None
+        if settings.metrics_address:
+            endpoints = Endpoints(settings.metrics_address, metrics, daemon.healthy, daemon.ready).start()
+            host = settings.metrics_address.rpartition(":")[0]
+            logging.getLogger("reconcile").info("serving /metrics, /healthz, /readyz on %s:%d", host, endpoints.port)
+        try:
+            return anyio.run(daemon.run)
+        finally:
+            if endpoints is not None:
+                endpoints.stop()
 
 
 def explain(name: str, observation: Observation, options: PlanOptions, now: datetime, mode: Mode) -> int:

@@ -61,3 +61,6 @@ class CtrContainerd:
 
     def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
         return self.ctr.remove_snapshots(keys)
+
+    def usage(self, keys: Sequence[str]) -> dict[str, int]:
+        return self.ctr.usage(keys) if keys else {}

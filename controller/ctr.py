@@ -125,6 +125,20 @@ class Ctr:
             for r in parse_table(self.output(["tasks", "ls"]))
         )
 
+    def usage(self, keys: Sequence[str]) -> dict[str, int]:
+        """Bytes each snapshot holds (``snapshots usage -b``); keys it cannot measure are left out.
+
+        The snapshotter walks each layer to answer, so this costs as much as ``du``.
+        """
+        sizes: dict[str, int] = {}
+        for chunk in chunk_args(keys):
+            proc = self.run(["snapshots", "--snapshotter", self.settings.snapshotter, "usage", "-b", "--", *chunk])
+            for row in parse_table(proc.stdout):
+                size = _int_or_none(row.get("SIZE", ""))
+                if size is not None:
+                    sizes[row["KEY"]] = size
+        return sizes
+
     # -- removing ------------------------------------------------------------------
 
     def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,18 +26,22 @@ from watchfiles import awatch
 from controller import platform
 from controller.containerd import CtrContainerd
 from controller.ctr import Ctr
-from controller.errors import ReconcileError
-from controller.executor import Reporter, execute
+from controller.errors import CtrError, ReconcileError
+from controller.executor import execute
 from controller.plan import Mode, Plan
 from controller.planner import plan as make_plan
 from controller.records import ContainerdState, History, Observation, TaskStatus
+from controller.reporters import Reporter
 from controller.settings import Settings
+from controller.status import PassStatus, pass_status
 from controller.store import observe_store
 from controller.store_cleanup import StoreCleaner
 
 log = logging.getLogger("reconcile")
 
 _LIVE = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING, TaskStatus.CREATED})
+#: /healthz fails when the event loop has not ticked for this long (seconds).
+HEARTBEAT_LIMIT = 10.0
 #: Backoff after a failed pass: 1 s doubling to 2 minutes, each delay jittered down by up to half.
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
 
@@ -82,6 +87,9 @@ class Daemon:
     _rng: random.Random = field(default_factory=random.Random)
     _why: str = "start-up"
     _current: str = "start-up"
+    #: For /healthz: the event loop ticks this every second while it is alive.
+    heartbeat: float = field(default_factory=time.monotonic)
+    last_status: PassStatus | None = None
 
     def __post_init__(self) -> None:
         self.settings = self.load()
@@ -98,6 +106,7 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
             tg.start_soon(self._watch)
+            tg.start_soon(self._beat)
             await self._loop()
             tg.cancel_scope.cancel()
         log.info("stopped after %d passes", self.passes)
@@ -119,15 +128,64 @@ class Daemon:
                 return
             self._current = "resync interval or requeue" if timer.cancelled_caught else self._why
             self._wake = anyio.Event()  # triggers from now on ask for one more pass
+            started = self.clock()
             try:
                 report = await anyio.to_thread.run_sync(self.run_pass)
             except ReconcileError as e:
                 failures += 1
                 next_in = backoff(failures, self._rng)
                 log.warning("pass failed (%s); retrying in %.1f s", e, next_in)
+                self._finished(self._failed_status(started, e))
                 continue
             failures = 0
             next_in = self._next_in(report)
+
+    async def _beat(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            await anyio.sleep(1)
+
+    def healthy(self) -> tuple[bool, str]:
+        """Liveness: the event loop itself is turning, not just the HTTP thread."""
+        age = time.monotonic() - self.heartbeat
+        if age > HEARTBEAT_LIMIT:
+            return False, f"the loop has not ticked for {age:.0f} s"
+        return True, f"alive: {self.passes} passes"
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: the last pass succeeded, within two resync intervals."""
+        status = self.last_status
+        if status is None:
+            return False, "no pass has finished yet"
+        if status.outcome != "success":
+            return False, f"the last pass failed: {status.error}"
+        age = (self.clock() - status.time).total_seconds()
+        limit = 2 * self.settings.interval.total_seconds()
+        if age > limit:
+            return False, f"the last successful pass ended {age:.0f} s ago (limit {limit:.0f} s)"
+        return True, f"ready: last pass {age:.0f} s ago"
+
+    def _finished(self, status: PassStatus) -> None:
+        self.last_status = status
+        try:
+            self.reporter.pass_finished(status)
+        except OSError as e:  # a full disk must not stop the loop
+            log.error("could not report the pass: %s", e)
+
+    def _failed_status(self, started: datetime, error: ReconcileError) -> PassStatus:
+        prior = self.last_status
+        return PassStatus(
+            time=self.clock(),
+            mode=Mode.DAEMON,
+            pass_number=self.passes,
+            outcome="error",
+            seconds=(self.clock() - started).total_seconds(),
+            error=str(error),
+            containerd_up=not isinstance(error, CtrError),
+            drift=prior.drift if prior else {},
+            stuck=prior.stuck if prior else (),
+            owned=prior.owned if prior else {},
+        )
 
     def _next_in(self, report: PassReport) -> float:
         interval = self.settings.interval.total_seconds()
@@ -152,6 +210,11 @@ class Daemon:
         plan = make_plan(observation, options, now, Mode.DAEMON)
         self.passes += 1
         self.reporter.pass_started(self.passes, plan)
+        sizes = (
+            containerd.usage([k for k in (*(x.key for x in plan.snapshots), *plan.deferred)])
+            if (settings.measure_bytes)
+            else None
+        )
         result = execute(plan, containerd, StoreCleaner(settings.store), self.reporter, self.stopping.is_set)
         seconds = (self.clock() - t0).total_seconds()
         report = PassReport(plan=plan, removed=result.progress, failed=len(result.failures()), seconds=seconds)
@@ -167,6 +230,7 @@ class Daemon:
             ctr.calls,
             seconds,
         )
+        self._finished(pass_status(plan, result, self.passes, self.clock(), seconds, sizes))
         return report
 
     async def _signals(self) -> None:

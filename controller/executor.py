@@ -14,29 +14,13 @@ from controller.containerd import ContainerdActuator
 from controller.ctr import Outcome, Result
 from controller.plan import ObjectKind, Plan
 from controller.records import TaskStatus
+from controller.reporters import Reporter
 
 
 class StoreActuator(Protocol):
     def remove_tmp_entry(self, entry_id: str) -> Result: ...
 
     def remove_cache_tmp(self, name: str) -> Result: ...
-
-
-class Reporter:
-    """Hooks the executor and reconciler call; this base does nothing.
-
-    Logs, progress, metrics and the status file subclass it, so the core never
-    prints or measures anything itself.
-    """
-
-    def pass_started(self, number: int, plan: Plan) -> None:
-        """A pass has planned and is about to act."""
-
-    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
-        """One object is gone (``outcome`` is REMOVED or NOT_FOUND)."""
-
-    def failed(self, kind: ObjectKind, name: str, result: Result) -> None:
-        """One removal did not happen; the next pass will look again."""
 
 
 @dataclass(frozen=True)

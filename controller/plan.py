@@ -22,6 +22,17 @@ class Mode(StrEnum):
     DAEMON = "daemon"
 
 
+#: Drift kinds, as the metrics and the status file name them.
+DRIFT_KINDS = (
+    "orphan_snapshots",
+    "leftover_containers",
+    "stale_result_tmp",
+    "db_rows_without_result",
+    "results_without_row",
+    "results_missing_snapshot",
+    "stuck",
+)
+
 ObjectKind = Literal["snapshot", "container", "result", "result-tmp", "cache-tmp"]
 
 
@@ -117,6 +128,19 @@ class Plan(Record):
     @property
     def empty(self) -> bool:
         return self.action_count == 0
+
+    def drift_counts(self) -> dict[str, int]:
+        """Objects out of agreement, by drift kind (see DRIFT_KINDS)."""
+        d = self.drift
+        return {
+            "orphan_snapshots": sum(len(level) for level in self.snapshot_levels) + len(self.deferred),
+            "leftover_containers": len(self.containers),
+            "stale_result_tmp": len(self.tmp_entries),
+            "db_rows_without_result": len(d.rows_without_result),
+            "results_without_row": len(d.results_without_row),
+            "results_missing_snapshot": len(d.results_missing_snapshot),
+            "stuck": 0,
+        }
 
     def decision_for(self, name: str) -> list[Decision]:
         return [d for d in self.decisions if d.name == name]

@@ -146,6 +146,22 @@ class WorkerSpec(_Model):
     """Executable names that mean a worker is running (`--once` then refuses unless `--force`)."""
 
 
+class MetricsSpec(_Model):
+    enabled: bool = True
+    """Daemon: serve Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP."""
+    address: str = "127.0.0.1:9847"
+    """HOST:PORT to serve them on; loopback unless you mean to expose them.
+    `--metrics-address` overrides (`off` disables)."""
+    measure_bytes: bool = False
+    """Measure the disk orphan snapshots hold (`ctr snapshots usage`): one more ctr call per
+    pass that walks every orphan layer, as slow as `du` over them."""
+
+
+class StatusSpec(_Model):
+    path: str | None = None
+    """Status JSON rewritten atomically after each pass. Default: `STORE/state/obuilder-reconcile/status.json`."""
+
+
 class ReconcilePolicySpec(_Model):
     store: StoreSpec = StoreSpec()
     """Where the OBuilder store is."""
@@ -161,6 +177,10 @@ class ReconcilePolicySpec(_Model):
     """Bounds on one run."""
     worker: WorkerSpec = WorkerSpec()
     """How a running worker is recognised."""
+    metrics: MetricsSpec = MetricsSpec()
+    """Prometheus metrics and health endpoints."""
+    status: StatusSpec = StatusSpec()
+    """The status file."""
 
 
 class Metadata(_Model):

@@ -15,10 +15,11 @@ from datetime import datetime
 
 from controller.containerd import ContainerdActuator
 from controller.ctr import Outcome
-from controller.executor import ActionResult, Reporter, StoreActuator, execute
+from controller.executor import ActionResult, StoreActuator, execute
 from controller.plan import Mode, ObjectKind, Plan, PlanOptions, StoreDrift
 from controller.planner import plan as make_plan
 from controller.records import Observation, Record
+from controller.reporters import Reporter
 
 _KINDS = ("container", "snapshot", "result-tmp", "cache-tmp")
 
@@ -41,6 +42,8 @@ class Summary(Record):
     planned: dict[str, int]
     kept_snapshots: int
     stuck: tuple[Stuck, ...]
+    #: What is still out of agreement at the end, by drift kind.
+    remaining: dict[str, int]
     drift: StoreDrift
     warnings: tuple[str, ...]
     seconds: float
@@ -120,6 +123,7 @@ def reconcile(
         planned=count_planned(first),
         kept_snapshots=sum(1 for d in current.decisions if d.kind == "snapshot" and d.keep),
         stuck=tuple(stuck),
+        remaining=current.drift_counts() | {"stuck": len(stuck)},
         drift=current.drift,
         warnings=current.warnings,
         seconds=round(time.perf_counter() - started, 3),

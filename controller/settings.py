@@ -14,6 +14,7 @@ from pathlib import Path
 from controller import platform
 from controller.ctr import CtrSettings
 from controller.errors import UsageError
+from controller.lock import STATE_DIR
 from controller.plan import Mode, PlanOptions
 from controller.policy import API_VERSION, KIND, Metadata, ReconcilePolicy, load_policy
 
@@ -28,6 +29,8 @@ class Overrides:
     snapshotter: str | None = None
     ctr: str | None = None
     max_passes: int | None = None
+    metrics_address: str | None = None
+    status_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class Settings:
     worker_names: tuple[str, ...]
     policy: ReconcilePolicy = field(repr=False, compare=False)
     policy_path: Path | None = None
+    #: None: no HTTP endpoints.
+    metrics_address: str | None = None
+    measure_bytes: bool = False
+    status_path: Path = Path("status.json")
 
     def plan_options(self, mode: Mode) -> PlanOptions:
         """The deletion limit is for a daemon pacing itself beside a worker; at boot, remove it all."""
@@ -80,6 +87,7 @@ def resolve(overrides: Overrides, policy_path: str | None, env: Mapping[str, str
         max_task_age=spec.timing.max_task_age,
         max_deletions_per_pass=spec.limits.max_deletions_per_pass,
     )
+    metrics = overrides.metrics_address or (spec.metrics.address if spec.metrics.enabled else None)
     return Settings(
         store=Path(store),
         ctr=ctr,
@@ -89,4 +97,7 @@ def resolve(overrides: Overrides, policy_path: str | None, env: Mapping[str, str
         worker_names=spec.worker.process_names,
         policy=policy,
         policy_path=Path(policy_path) if policy_path else None,
+        metrics_address=None if metrics == "off" else metrics,
+        measure_bytes=spec.metrics.measure_bytes,
+        status_path=Path(overrides.status_file or spec.status.path or Path(store).joinpath(*STATE_DIR, "status.json")),
     )

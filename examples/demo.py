@@ -59,7 +59,14 @@ def reconcile(cd: PrivateContainerd, root: Path, *args: str) -> int:
     argv = [sys.executable, "-m", "controller", "--policy", str(policy), "--store", str(root), "--address", cd.address,
             *args]  # fmt: skip
     print(f"$ reconcile --policy {policy} --store {root.relative_to(REPO)} --address ... " + " ".join(args))
-    return subprocess.run(argv, check=False, cwd=REPO).returncode
+    proc = subprocess.run(argv, check=False, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # Without a terminal, --once logs one line per removal on stderr: show a few.
+    lines = proc.stderr.splitlines()
+    for line in lines[:4]:
+        print(f"   [log] {line}")
+    if len(lines) > 4:
+        print(f"   [log] ... and {len(lines) - 4} more lines like these")
+    return proc.returncode
 
 
 def main() -> int:

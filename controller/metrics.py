@@ -1,0 +1,182 @@
+"""Prometheus metrics, and the daemon's HTTP endpoints: /metrics, /healthz, /readyz.
+
+Every labelled series exists at 0 from the start, so a dashboard or an alert sees
+"nothing yet" rather than "no data". The server binds 127.0.0.1 by default.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from controller.errors import UsageError
+from controller.reporters import Reporter
+from controller.status import DRIFT_KINDS
+
+if TYPE_CHECKING:
+    from controller.ctr import Outcome, Result
+    from controller.plan import ObjectKind
+    from controller.status import PassStatus
+
+ACTION_KINDS = ("container", "snapshot", "result-tmp", "cache-tmp")
+ACTION_OUTCOMES = ("removed", "not_found", "failed")
+
+#: name -> (type, help): the README's metrics reference is checked against this.
+METRICS = {
+    "obuilder_reconcile_drift_objects": ("gauge", "Objects out of agreement after the last pass, by kind."),
+    "obuilder_reconcile_actions_total": ("counter", "Removals attempted, by kind of object and outcome."),
+    "obuilder_reconcile_pass_duration_seconds": ("histogram", "Time one pass took: observe, plan, act."),
+    "obuilder_reconcile_passes_total": ("counter", "Passes, by outcome (success, error)."),
+    "obuilder_reconcile_last_success_timestamp_seconds": ("gauge", "Unix time the last successful pass ended."),
+    "obuilder_reconcile_containerd_up": ("gauge", "1 if the last pass reached containerd, else 0."),
+    "obuilder_reconcile_owned_objects": ("gauge", "Owned snapshots and containers seen by the last pass."),
+    "obuilder_reconcile_orphan_bytes": ("gauge", "Disk held by orphan snapshots (when measureBytes is on)."),
+    "obuilder_reconcile_reclaimed_bytes_total": ("counter", "Disk freed by removed snapshots (measureBytes)."),
+}
+
+
+class Metrics(Reporter):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+
+        def help_of(name: str) -> str:
+            return METRICS[name][1]
+
+        self.drift = Gauge(
+            "obuilder_reconcile_drift_objects", help_of("obuilder_reconcile_drift_objects"), ["kind"], registry=r
+        )
+        self.actions = Counter(
+            "obuilder_reconcile_actions", help_of("obuilder_reconcile_actions_total"), ["kind", "outcome"], registry=r
+        )
+        self.duration = Histogram(
+            "obuilder_reconcile_pass_duration_seconds",
+            help_of("obuilder_reconcile_pass_duration_seconds"),
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.passes = Counter(
+            "obuilder_reconcile_passes", help_of("obuilder_reconcile_passes_total"), ["outcome"], registry=r
+        )
+        self.last_success = Gauge(
+            "obuilder_reconcile_last_success_timestamp_seconds",
+            help_of("obuilder_reconcile_last_success_timestamp_seconds"),
+            registry=r,
+        )
+        self.containerd_up = Gauge(
+            "obuilder_reconcile_containerd_up", help_of("obuilder_reconcile_containerd_up"), registry=r
+        )
+        self.owned = Gauge(
+            "obuilder_reconcile_owned_objects", help_of("obuilder_reconcile_owned_objects"), ["kind"], registry=r
+        )
+        self.orphan_bytes = Gauge(
+            "obuilder_reconcile_orphan_bytes", help_of("obuilder_reconcile_orphan_bytes"), registry=r
+        )
+        self.reclaimed_bytes = Counter(
+            "obuilder_reconcile_reclaimed_bytes", help_of("obuilder_reconcile_reclaimed_bytes_total"), registry=r
+        )
+        for kind in DRIFT_KINDS:
+            self.drift.labels(kind)
+        for kind in ACTION_KINDS:
+            for outcome in ACTION_OUTCOMES:
+                self.actions.labels(kind, outcome)
+        for outcome in ("success", "error"):
+            self.passes.labels(outcome)
+        for kind in ("snapshot", "container"):
+            self.owned.labels(kind)
+
+    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
+        self.actions.labels(kind, "removed" if outcome.value == "removed" else "not_found").inc()
+
+    def failed(self, kind: ObjectKind, name: str, result: Result) -> None:
+        self.actions.labels(kind, "failed").inc()
+
+    def pass_finished(self, status: PassStatus) -> None:
+        self.passes.labels(status.outcome).inc()
+        self.duration.observe(status.seconds)
+        self.containerd_up.set(1 if status.containerd_up else 0)
+        if status.outcome != "success":
+            return
+        self.last_success.set(status.time.timestamp())
+        for kind in DRIFT_KINDS:
+            self.drift.labels(kind).set(status.drift.get(kind, 0))
+        for kind in ("snapshot", "container"):
+            self.owned.labels(kind).set(status.owned.get(kind, 0))
+        if status.orphan_bytes is not None:
+            self.orphan_bytes.set(status.orphan_bytes)
+        if status.reclaimed_bytes:
+            self.reclaimed_bytes.inc(status.reclaimed_bytes)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(f"metrics address {address!r}: expected HOST:PORT, such as 127.0.0.1:9847")
+    return host.strip("[]"), int(port)
+
+
+class Endpoints:
+    """A small threaded HTTP server: /metrics, /healthz (the loop is alive), /readyz (recent success)."""
+
+    def __init__(
+        self,
+        address: str,
+        metrics: Metrics,
+        healthy: Callable[[], tuple[bool, str]],
+        ready: Callable[[], tuple[bool, str]],
+    ) -> None:
+        host, port = parse_address(address)
+        handler = _handler(metrics, healthy, ready)
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as e:
+            raise UsageError(f"cannot serve metrics on {address}: {e.strerror or e}") from e
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="endpoints", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> Endpoints:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _handler(
+    metrics: Metrics, healthy: Callable[[], tuple[bool, str]], ready: Callable[[], tuple[bool, str]]
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/readyz"):
+                ok, why = (healthy if path == "/healthz" else ready)()
+                self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return  # scrapes every few seconds would drown the log
+
+    return Handler
