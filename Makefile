@@ -24,6 +24,11 @@ lint: setup
 demo: setup
 	$(BIN)/python examples/demo.py
 
+# Removal against the floor (N=2000 orphans, 50 leaked containers), then the planner at scale.
+bench: setup
+	$(BIN)/python bench/removal_bench.py
+	$(BIN)/python bench/planner_scale.py
+
 bench-daemon: setup
 	$(BIN)/python bench/daemon_bench.py
 

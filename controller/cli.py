@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     mode = Mode.BOOT if args.once else Mode.DAEMON
     options = settings.plan_options(mode)
     ctr = Ctr(settings.ctr)
-    containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
+    containerd = CtrContainerd(ctr, container_prefix=options.container_prefix, parallel=settings.ctr.parallelism)
 
     def observe() -> Observation:
         return Observation(store=observe_store(settings.store), containerd=containerd.observe())
@@ -236,7 +236,7 @@ class UsageMeter(Reporter):
         self.reclaimed = 0
 
     def pass_started(self, number: int, plan: Plan) -> None:
-        keys = [k for k in (*(s.key for s in plan.snapshots), *plan.deferred) if k not in self.sizes]
+        keys = [k for k in (*plan.snapshots, *plan.deferred) if k not in self.sizes]
         self.sizes.update(self.containerd.usage(keys))
         if number == 1:
             self.orphan_bytes = sum(self.sizes.values())

@@ -201,7 +201,7 @@ class Daemon:
         settings = self.settings
         ctr = Ctr(settings.ctr)
         options = settings.plan_options(Mode.DAEMON)
-        containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
+        containerd = CtrContainerd(ctr, container_prefix=options.container_prefix, parallel=settings.ctr.parallelism)
         store_state = observe_store(settings.store)
         cd_state = containerd.observe()
         now = self.clock()
@@ -210,11 +210,7 @@ class Daemon:
         plan = make_plan(observation, options, now, Mode.DAEMON)
         self.passes += 1
         self.reporter.pass_started(self.passes, plan)
-        sizes = (
-            containerd.usage([k for k in (*(x.key for x in plan.snapshots), *plan.deferred)])
-            if (settings.measure_bytes)
-            else None
-        )
+        sizes = containerd.usage([*plan.snapshots, *plan.deferred]) if (settings.measure_bytes) else None
         result = execute(plan, containerd, StoreCleaner(settings.store), self.reporter, self.stopping.is_set)
         seconds = (self.clock() - t0).total_seconds()
         report = PassReport(plan=plan, removed=result.progress, failed=len(result.failures()), seconds=seconds)

@@ -6,7 +6,8 @@ is skipped, not forced: the next pass observes again and decides afresh.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,46 +65,65 @@ def execute(
         else:
             report.failed(kind, name, result)
 
-    # 1. Containers: kill and delete their tasks, then the containers.
-    for c in plan.containers:
-        reasons[("container", c.id)] = c.reason
-    with_task = [c.id for c in plan.containers if c.task is not TaskStatus.ABSENT]
-    if should_stop():
-        return out
-    task_results = containerd.delete_tasks(with_task) if with_task else {}
-    container_ids = [c.id for c in plan.containers]
-    if container_ids and not should_stop():
-        for cid, result in containerd.remove_containers(container_ids).items():
+    def remove_containers() -> None:
+        """Kill and delete their tasks, then the containers."""
+        for c in plan.containers:
+            reasons[("container", c.id)] = c.reason
+        with_task = [c.id for c in plan.containers if c.task is not TaskStatus.ABSENT]
+        if should_stop():
+            return
+        task_results = containerd.delete_tasks(with_task) if with_task else {}
+        if should_stop():
+            return
+        for cid, result in containerd.remove_containers([c.id for c in plan.containers]).items():
             task = task_results.get(cid)
             if not result.outcome.done and task is not None and not task.outcome.done:
                 result = Result(result.outcome, f"{result.message} (deleting its task: {task.message})")
             record("container", cid, result)
 
-    # 2. Snapshots, leaves first. A parent whose child failed this pass would only
-    #    fail too (and cut the batch short), so it waits for the next pass.
+    # Snapshots go leaves first. A parent whose child failed this pass would only fail
+    # too (and cut the batch short), so it waits for the next pass.
     failed: set[str] = set()
     blocked: dict[str, str] = {}
-    for level in plan.snapshot_levels:
-        if should_stop():
-            return out
-        keys = []
-        for s in level:
-            reasons[("snapshot", s.key)] = s.reason
-            if s.key in blocked:
-                record("snapshot", s.key, Result(Outcome.NOT_TRIED, f"waiting for its child {blocked[s.key]}"))
-                failed.add(s.key)
-                if s.parent is not None:
-                    blocked[s.parent] = s.key
-            else:
-                keys.append(s.key)
-        parent_of = {s.key: s.parent for s in level}
-        for key, result in containerd.remove_snapshots(keys).items() if keys else ():
-            record("snapshot", key, result)
-            if not result.outcome.done:
-                failed.add(key)
-                parent = parent_of.get(key)
-                if parent is not None:
-                    blocked[parent] = key
+    parent_of = plan.snapshot_parents
+
+    def remove_levels(levels: Sequence[Sequence[str]]) -> None:
+        for level in levels:
+            if should_stop():
+                return
+            keys = []
+            for key in level:
+                reasons[("snapshot", key)] = plan.snapshot_reasons.get(key, "")
+                if key in blocked:
+                    record("snapshot", key, Result(Outcome.NOT_TRIED, f"waiting for its child {blocked[key]}"))
+                    failed.add(key)
+                    block_parent(key)
+                else:
+                    keys.append(key)
+            for key, result in containerd.remove_snapshots(keys).items() if keys else ():
+                record("snapshot", key, result)
+                if not result.outcome.done:
+                    failed.add(key)
+                    block_parent(key)
+
+    def block_parent(key: str) -> None:
+        parent = parent_of.get(key)
+        if parent is not None:
+            blocked[parent] = key
+
+    # 1 and 2. Leftover containers, and meanwhile every orphan level no container uses:
+    #    the containers pin only what they run on (and its ancestors), which waits.
+    if plan.containers:
+        pinned = _with_ancestors(plan.pinned, parent_of)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            containers_done = pool.submit(remove_containers)
+            remove_levels([[k for k in level if k not in pinned] for level in plan.snapshot_levels])
+            containers_done.result()
+        remove_levels([[k for k in level if k in pinned] for level in plan.snapshot_levels])
+    else:
+        remove_levels(plan.snapshot_levels)
+    if should_stop():
+        return out
 
     # 3. result-tmp/ entries, once the snapshots they name are gone.
     for t in plan.tmp_entries:
@@ -122,4 +142,15 @@ def execute(
             return out
         reasons[("cache-tmp", leftover.name)] = leftover.reason
         record("cache-tmp", leftover.name, store.remove_cache_tmp(leftover.name))
+    return out
+
+
+def _with_ancestors(keys: Sequence[str], parent_of: Mapping[str, str | None]) -> set[str]:
+    """The keys and every planned ancestor of theirs."""
+    out: set[str] = set()
+    for key in keys:
+        k: str | None = key
+        while k is not None and k not in out:
+            out.add(k)
+            k = parent_of.get(k)
     return out

@@ -63,12 +63,6 @@ class ContainerRemoval(Record):
     reason: str
 
 
-class SnapshotRemoval(Record):
-    key: str
-    parent: str | None = None
-    reason: str
-
-
 class TmpRemoval(Record):
     id: str
     #: Snapshot keys that must be gone (or kept) before the directory goes: the
@@ -97,9 +91,16 @@ class StoreDrift(Record):
 class Plan(Record):
     mode: Mode
     containers: tuple[ContainerRemoval, ...] = ()
-    #: Orphan snapshots by level, leaves first: every key of a level may be removed
+    #: Orphan snapshot keys by level, leaves first: every key of a level may be removed
     #: once all earlier levels are gone, so one ``ctr`` call per level suffices.
-    snapshot_levels: tuple[tuple[SnapshotRemoval, ...], ...] = ()
+    snapshot_levels: tuple[tuple[str, ...], ...] = ()
+    #: Why each orphan (planned or deferred) goes, and the parent of each planned one.
+    #: Plain maps, not a record each: a week-old store has tens of thousands of orphans.
+    snapshot_reasons: dict[str, str] = Field(default_factory=dict, repr=False)
+    snapshot_parents: dict[str, str | None] = Field(default_factory=dict, repr=False)
+    #: Orphans a leftover container uses: they (and their ancestors) go only after the
+    #: containers; every other level is removed while the containers are.
+    pinned: tuple[str, ...] = ()
     tmp_entries: tuple[TmpRemoval, ...] = ()
     cache_tmp: tuple[CacheTmpRemoval, ...] = ()
     #: Orphans left for a later pass by ``maxDeletionsPerPass``.
@@ -113,8 +114,9 @@ class Plan(Record):
     requeue_after: timedelta | None = None
 
     @property
-    def snapshots(self) -> tuple[SnapshotRemoval, ...]:
-        return tuple(s for level in self.snapshot_levels for s in level)
+    def snapshots(self) -> tuple[str, ...]:
+        """Planned orphan keys, leaves first."""
+        return tuple(k for level in self.snapshot_levels for k in level)
 
     @property
     def action_count(self) -> int:
@@ -143,7 +145,12 @@ class Plan(Record):
         }
 
     def decision_for(self, name: str) -> list[Decision]:
-        return [d for d in self.decisions if d.name == name]
+        found = [d for d in self.decisions if d.name == name]
+        if name in self.snapshot_reasons:
+            found.append(
+                Decision(kind="snapshot", name=name, keep=False, rule="orphan", reason=self.snapshot_reasons[name])
+            )
+        return found
 
 
 class PlanOptions(Record):

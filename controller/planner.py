@@ -24,7 +24,6 @@ from controller.plan import (
     Mode,
     Plan,
     PlanOptions,
-    SnapshotRemoval,
     StoreDrift,
     TmpRemoval,
 )
@@ -80,6 +79,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
     # Containers first: which are kept decides rules 2 and 4.
     task_of = {t.id: t.status for t in cd.tasks}
     kept_containers: list[Container] = []
+    leftover_containers: list[Container] = []
     removals: list[ContainerRemoval] = []
     for c in sorted(cd.containers, key=lambda c: c.id):
         if not c.id.startswith(options.container_prefix):
@@ -90,6 +90,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
             wake.append(history.containers_idle_since.get(c.id, now) + options.grace_period)
         if rule == "leftover":
             removals.append(ContainerRemoval(id=c.id, task=status, reason=reason))
+            leftover_containers.append(c)
         else:
             kept_containers.append(c)
         decisions.append(Decision(kind="container", name=c.id, keep=rule != "leftover", rule=rule, reason=reason))
@@ -98,7 +99,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
     entries = (*store.results, *store.tmp)
     folder_owner: dict[str, StoreEntry] = {}
     key_owner: dict[str, StoreEntry] = {}
-    for e in entries:
+    for e in entries if cd.containers else ():  # only containers ask
         if e.layerinfo is not None and e.layerinfo.source:
             folder_owner.setdefault(path_identity(e.layerinfo.source), e)
         for key in e.snapshot_keys:
@@ -123,6 +124,11 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         if c.snapshot_key in key_owner:
             user = key_owner[c.snapshot_key]
             used_entries.add(f"{user.area}/{user.id}")
+
+    # What leftover containers use waits for them to go (Windows holds a running
+    # container's layers open); every other orphan may go while they are removed.
+    uses = [_used_keys(c, folder_owner) for c in leftover_containers]
+    pinned_by_containers = {k for used in uses for k in used}
 
     # Rule 1: finished results keep their committed snapshot.
     for e in store.results:
@@ -199,7 +205,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         if p is not None:
             children[p].append(k)
     orphans = owned - keep.why.keys()
-    levels = _levels_leaves_first(orphans, children)
+    levels = _levels_leaves_first(orphans, children, parent_of)
     removal_reason = {k: _orphan_reason(k, key_to_tmp, mode) for k in orphans}
     flat = [k for level in levels for k in level]
     limit = options.max_deletions_per_pass
@@ -215,7 +221,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
             rule, reason = keep.why[k]
             decisions.append(Decision(kind="snapshot", name=k, keep=True, rule=rule, reason=reason))
         else:
-            decisions.append(Decision(kind="snapshot", name=k, keep=False, rule="orphan", reason=removal_reason[k]))
+            continue  # an orphan's decision is its reason in the plan (decision_for)
 
     cache_tmp: tuple[CacheTmpRemoval, ...] = ()
     if mode is Mode.BOOT:
@@ -228,10 +234,10 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
     return Plan(
         mode=mode,
         containers=tuple(removals),
-        snapshot_levels=tuple(
-            tuple(SnapshotRemoval(key=k, parent=parent_of[k], reason=removal_reason[k]) for k in level)
-            for level in levels
-        ),
+        snapshot_levels=tuple(tuple(level) for level in levels),
+        snapshot_reasons=removal_reason,
+        snapshot_parents={k: parent_of[k] for level in levels for k in level},
+        pinned=tuple(sorted(pinned_by_containers & orphans)),
         tmp_entries=tuple(tmp_removals),
         cache_tmp=cache_tmp,
         deferred=deferred,
@@ -240,6 +246,16 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         warnings=tuple(warnings),
         requeue_after=max(min(wake) - now, timedelta(0)) if wake else None,
     )
+
+
+def _used_keys(c: Container, folder_owner: dict[str, StoreEntry]) -> set[str]:
+    """Snapshot keys a container uses: its own key, and the build whose folder it runs on."""
+    used = {c.snapshot_key} if c.snapshot_key else set()
+    for folder in ([c.root_path] if c.root_path else []) + list(c.layer_folders[-1:]):
+        user = folder_owner.get(path_identity(folder))
+        if user is not None and user.layerinfo is not None:
+            used |= {user.layerinfo.snapshot_key, user.layerinfo.snapshot_key + "-committed"}
+    return used
 
 
 def _judge_container(
@@ -305,24 +321,27 @@ def _keep_ancestors(keep: _Keep, parent_of: dict[str, str | None]) -> None:
             key = parent_of.get(key)
 
 
-def _levels_leaves_first(orphans: set[str], children: dict[str, list[str]]) -> list[list[str]]:
-    """Group orphans by height: level 0 has no children, level n only children below n."""
-    height: dict[str, int] = {}
-    for start in orphans:
-        stack = [start]
-        while stack:
-            k = stack[-1]
-            if k in height:
-                stack.pop()
-                continue
-            pending = [c for c in children.get(k, ()) if c not in height]
-            if pending:
-                stack.extend(pending)
-                continue
-            stack.pop()
-            height[k] = 1 + max((height[c] for c in children.get(k, ())), default=-1)
+def _levels_leaves_first(
+    orphans: set[str], children: dict[str, list[str]], parent_of: dict[str, str | None]
+) -> list[list[str]]:
+    """Group orphans by height: level 0 has no children, level n only children below n.
+
+    Leaves first, each parent once its last child is placed: linear in the orphans.
+    An orphan with a child that is not an orphan can never be placed, so it is never
+    planned (the keep rules already keep such a parent; this is a second fence).
+    """
+    waiting = {k: len(children.get(k, ())) for k in orphans}
+    height = dict.fromkeys((k for k, n in waiting.items() if n == 0), 0)
+    queue = list(height)
+    for k in queue:  # the queue grows while we walk it
+        p = parent_of.get(k)
+        if p in waiting:
+            height[p] = max(height.get(p, 0), height[k] + 1)
+            waiting[p] -= 1
+            if waiting[p] == 0:
+                queue.append(p)
     by_level: dict[int, list[str]] = defaultdict(list)
-    for k in orphans:
+    for k in queue:
         by_level[height[k]].append(k)
     return [sorted(by_level[h]) for h in sorted(by_level)]
 

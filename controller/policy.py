@@ -139,6 +139,8 @@ class LimitsSpec(_Model):
     """`--once` gives up (exit 1) after this many passes that each made progress."""
     max_deletions_per_pass: int = Field(default=500, ge=1)
     """Daemon: at most this many snapshot removals per pass (leaves first); the rest waits."""
+    parallelism: int = Field(default=4, ge=1, le=64)
+    """ctr processes at once: for one level of snapshot removals, and for reading containers."""
 
 
 class WorkerSpec(_Model):

@@ -142,7 +142,7 @@ def _stuck(
     """Why each object still planned for removal is still there."""
     has_children = {s.parent for s in observation.containerd.snapshots if s.parent}
     names: list[tuple[ObjectKind, str]] = [("container", c.id) for c in plan.containers]
-    names += [("snapshot", s.key) for s in plan.snapshots]
+    names += [("snapshot", k) for k in plan.snapshots]
     names += [("result-tmp", t.id) for t in plan.tmp_entries]
     names += [("cache-tmp", c.name) for c in plan.cache_tmp]
     out = []

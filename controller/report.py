@@ -43,8 +43,8 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
     for c in plan.containers:
         lines.append(f"  remove container {c.id}: {c.reason}")
     by_reason: dict[str, list[str]] = defaultdict(list)
-    for s in plan.snapshots:
-        by_reason[s.reason].append(s.key)
+    for key in plan.snapshots:
+        by_reason[plan.snapshot_reasons[key]].append(key)
     for reason, keys in by_reason.items():
         lines.append(f"  remove {count(len(keys), 'snapshot')} ({_names(keys, verbose)}): {reason}")
     for t in plan.tmp_entries:
@@ -125,7 +125,7 @@ def render_explain(name: str, decisions: list[Decision], *, present: bool, mode_
 
 
 def to_json(plan: Plan, summary: Summary | None) -> str:
-    doc: dict[str, Any] = {"plan": plan.model_dump(mode="json", exclude={"decisions"})}
+    doc: dict[str, Any] = {"plan": plan.model_dump(mode="json", exclude={"decisions", "snapshot_parents"})}
     doc["plan"]["kept"] = [d.model_dump(mode="json") for d in plan.decisions if d.keep]
     if summary is not None:
         doc["summary"] = summary.model_dump(mode="json") | {"exit_code": summary.exit_code}

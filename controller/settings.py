@@ -69,6 +69,7 @@ def resolve(overrides: Overrides, policy_path: str | None, env: Mapping[str, str
         raise UsageError("--max-passes must be at least 1")
     c = spec.containerd
     ctr = CtrSettings(
+        parallelism=spec.limits.parallelism,
         ctr=overrides.ctr or c.ctr or platform.DEFAULT_CTR,
         address=overrides.address or c.address or env.get("CONTAINERD_ADDRESS") or platform.DEFAULT_ADDRESS,
         namespace=overrides.namespace or c.namespace or env.get("CONTAINERD_NAMESPACE") or "default",

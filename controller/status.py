@@ -79,7 +79,7 @@ def pass_status(
         elif not r.outcome.done:
             failed[r.kind] += 1
     done = {r.name for r in result.results if r.kind == "snapshot" and r.outcome.done}
-    orphans = [s.key for s in plan.snapshots] + list(plan.deferred)
+    orphans = {*plan.snapshots, *plan.deferred}
     return PassStatus(
         time=now,
         mode=plan.mode,
@@ -91,7 +91,7 @@ def pass_status(
         drift=drift_after(plan, result),
         stuck=tuple(Stuck(kind=r.kind, name=r.name, reason=r.message or r.outcome.value) for r in result.failures()),
         owned={
-            "snapshot": sum(1 for d in plan.decisions if d.kind == "snapshot"),
+            "snapshot": sum(1 for d in plan.decisions if d.kind == "snapshot") + len(orphans),
             "container": sum(1 for d in plan.decisions if d.kind == "container"),
         },
         orphan_bytes=None if sizes is None else sum(v for k, v in sizes.items() if k in orphans and k not in done),

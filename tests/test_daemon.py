@@ -9,13 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
 import pytest
 
+from controller.ctr import Result
 from controller.daemon import Daemon, PassReport, backoff, remember
 from controller.errors import CtrError
 from controller.executor import execute
@@ -286,8 +287,36 @@ def test_stopping_finishes_the_action_under_way_not_the_pass() -> None:
 
     def stop_after_first_action() -> bool:
         asked.append(1)
-        return len(asked) > 2  # containers, then the first level; stop before the second level
+        return len(asked) > 1  # the first level runs; stop before the second
 
     result = execute(p, fake, store, should_stop=stop_after_first_action)
     assert [r.name for r in result.results] == ["obuilder-c"]
     assert set(fake.parents) == {"obuilder-a", "obuilder-b"}
+
+
+def test_orphans_no_container_uses_go_while_containers_are_removed_and_the_rest_after() -> None:
+    order: list[str] = []
+
+    class Recording(FakeContainerd):
+        def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]:
+            time.sleep(0.2)  # a task takes a moment to die
+            order.append("containers")
+            return super().remove_containers(ids)
+
+        def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
+            order.extend(keys)
+            return super().remove_snapshots(keys)
+
+    fake = Recording(
+        parents={"obuilder-free": None, "obuilder-used-committed": None, "obuilder-used": "obuilder-used-committed"},
+        containers={"obuilder-run-1": Container(id="obuilder-run-1", snapshot_key="obuilder-used")},
+        tasks={"obuilder-run-1": TaskStatus.STOPPED},
+    )
+    store = FakeStore(StoreState(root="/s"))
+    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
+    assert p.pinned == ("obuilder-used",)
+    result = execute(p, fake, store)
+    assert not result.failures()
+    assert order.index("obuilder-free") < order.index("containers") < order.index("obuilder-used")
+    assert order.index("obuilder-used") < order.index("obuilder-used-committed")
+    assert fake.parents == {}

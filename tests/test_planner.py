@@ -32,7 +32,7 @@ def test_case(path: Path) -> None:
         Mode(case["mode"]),
     )
     assert [c.id for c in p.containers] == expect["containers"]
-    assert [[s.key for s in level] for level in p.snapshot_levels] == expect["snapshot_levels"]
+    assert [list(level) for level in p.snapshot_levels] == expect["snapshot_levels"]
     assert [t.id for t in p.tmp_entries] == expect["tmp_entries"]
     assert [c.name for c in p.cache_tmp] == expect["cache_tmp"]
     assert list(p.deferred) == expect.get("deferred", [])
@@ -42,12 +42,13 @@ def test_case(path: Path) -> None:
         assert {d.name: d.rule for d in p.decisions if d.kind == "container" and d.keep} == expect["kept_containers"]
     if "drift" in expect:
         assert p.drift.model_dump(mode="json") == expect["drift"]
+    assert list(p.pinned) == expect.get("pinned", [])
     if "requeue_after" in expect:
         assert p.requeue_after == timedelta(seconds=expect["requeue_after"])
     for words in expect.get("warnings_contain", []):
         assert any(words in w for w in p.warnings), (words, p.warnings)
     # Every action says why, in words.
-    assert all(len(s.reason) > 20 for s in p.snapshots)
+    assert all(len(p.snapshot_reasons[k]) > 20 for k in p.snapshots)
 
 
 def test_cases_cover_both_modes_and_windows_shapes() -> None:

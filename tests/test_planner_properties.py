@@ -115,7 +115,7 @@ def test_never_plans_a_kept_snapshot_an_ancestor_of_one_or_a_foreign_object(
 ) -> None:
     obs, options, mode = world
     p = plan(obs, options, NOW, mode)
-    removed = {s.key for s in p.snapshots}
+    removed = set(p.snapshots)
     assert not removed & must_keep(obs, options, mode)
     assert all(k.startswith("obuilder-") for k in removed)
     assert all(c.id.startswith("obuilder-run-") for c in p.containers)
@@ -130,7 +130,7 @@ def test_never_plans_a_kept_snapshot_an_ancestor_of_one_or_a_foreign_object(
 def test_children_always_go_before_their_parents(world: tuple[Observation, PlanOptions, Mode]) -> None:
     obs, options, mode = world
     p = plan(obs, options, NOW, mode)
-    level_of = {s.key: n for n, level in enumerate(p.snapshot_levels) for s in level}
+    level_of = {k: n for n, level in enumerate(p.snapshot_levels) for k in level}
     for s in obs.containerd.snapshots:
         if s.parent in level_of:
             assert s.key in level_of, f"{s.parent} planned while its child {s.key} stays"
@@ -154,4 +154,4 @@ def test_running_the_plan_against_containerd_rules_converges(world: tuple[Observ
     assert summary.converged, summary.stuck
     assert summary.passes <= 2
     assert keep <= set(fake.parents)
-    assert {s.key for s in first.snapshots}.isdisjoint(fake.parents)
+    assert set(first.snapshots).isdisjoint(fake.parents)

@@ -1,8 +1,9 @@
 """An in-memory containerd and store with containerd's rules, for fast planner tests.
 
-Rules kept: a snapshot with a child cannot be removed; removing what is gone is
-"not found"; a container's task must be deleted (``--force`` kills it) before the
-container; ``containers rm --keep-snapshot`` leaves the snapshot.
+Rules kept: a snapshot with a child cannot be removed, nor one a container uses
+(Windows holds a container's layers open); removing what is gone is "not found";
+a container's task must be deleted (``--force`` kills it) before the container;
+``containers rm --keep-snapshot`` leaves the snapshot.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class FakeContainerd:
             for n, key in enumerate(pending):
                 if key not in self.parents:
                     out[key] = Result(Outcome.NOT_FOUND, "not found")
+                elif any(c.snapshot_key == key for c in self.containers.values()):
+                    # As on Windows, where a container holds its layers open.
+                    out[key] = Result(Outcome.FAILED, "snapshot in use by a container")
                 elif key in self.phantom_children or any(p == key for p in self.parents.values()):
                     out[key] = Result(Outcome.HAS_CHILD, "cannot remove snapshot with child: failed precondition")
                 else:
