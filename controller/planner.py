@@ -110,25 +110,21 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
     for c in kept_containers:
         if c.snapshot_key:
             keep.add(c.snapshot_key, "container", f"container {c.id} uses it as its snapshot")
-        folders = [c.root_path] if c.root_path else []
-        folders += c.layer_folders[-1:]
-        for folder in folders:
-            user = folder_owner.get(path_identity(folder))
-            if user is None or user.layerinfo is None:
-                continue
+        for folder, user in _builds_run_on(c, folder_owner):
             used_entries.add(f"{user.area}/{user.id}")
-            key = user.layerinfo.snapshot_key
             why = f"container {c.id} runs on its folder {folder} ({user.area}/{user.id})"
-            keep.add(key, "container", why)
-            keep.add(key + "-committed", "container", why)
+            for key in _active_and_committed(user):
+                keep.add(key, "container", why)
         if c.snapshot_key in key_owner:
             user = key_owner[c.snapshot_key]
             used_entries.add(f"{user.area}/{user.id}")
 
     # What leftover containers use waits for them to go (Windows holds a running
     # container's layers open); every other orphan may go while they are removed.
-    uses = [_used_keys(c, folder_owner) for c in leftover_containers]
-    pinned_by_containers = {k for used in uses for k in used}
+    pinned_by_containers = {c.snapshot_key for c in leftover_containers if c.snapshot_key}
+    for c in leftover_containers:
+        for _, user in _builds_run_on(c, folder_owner):
+            pinned_by_containers.update(_active_and_committed(user))
 
     # Rule 1: finished results keep their committed snapshot.
     for e in store.results:
@@ -248,14 +244,17 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
     )
 
 
-def _used_keys(c: Container, folder_owner: dict[str, StoreEntry]) -> set[str]:
-    """Snapshot keys a container uses: its own key, and the build whose folder it runs on."""
-    used = {c.snapshot_key} if c.snapshot_key else set()
-    for folder in ([c.root_path] if c.root_path else []) + list(c.layer_folders[-1:]):
-        user = folder_owner.get(path_identity(folder))
-        if user is not None and user.layerinfo is not None:
-            used |= {user.layerinfo.snapshot_key, user.layerinfo.snapshot_key + "-committed"}
-    return used
+def _builds_run_on(c: Container, folder_owner: dict[str, StoreEntry]) -> list[tuple[str, StoreEntry]]:
+    """The builds whose folder a container runs on: Linux ``root.path``, Windows' last layer folder."""
+    folders = ([c.root_path] if c.root_path else []) + list(c.layer_folders[-1:])
+    found = [(folder, folder_owner.get(path_identity(folder))) for folder in folders]
+    return [(folder, user) for folder, user in found if user is not None and user.layerinfo is not None]
+
+
+def _active_and_committed(e: StoreEntry) -> tuple[str, str]:
+    # A committed snapshot keeps its active one's folder.
+    assert e.layerinfo is not None
+    return e.layerinfo.snapshot_key, e.layerinfo.snapshot_key + "-committed"
 
 
 def _judge_container(
