@@ -113,7 +113,10 @@ def execute(
 
     # 1 and 2. Leftover containers, and meanwhile every orphan level no container uses:
     #    the containers pin only what they run on (and its ancestors), which waits.
-    if plan.containers:
+    if plan.containers and plan.containers_first:
+        remove_containers()
+        remove_levels(plan.snapshot_levels)
+    elif plan.containers:
         pinned = _with_ancestors(plan.pinned, parent_of)
         with ThreadPoolExecutor(max_workers=1) as pool:
             containers_done = pool.submit(remove_containers)

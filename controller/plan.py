@@ -101,6 +101,9 @@ class Plan(Record):
     #: Orphans a leftover container uses: they (and their ancestors) go only after the
     #: containers; every other level is removed while the containers are.
     pinned: tuple[str, ...] = ()
+    #: A leftover container runs on a folder no build names: it could be any orphan's,
+    #: so every snapshot waits for the containers.
+    containers_first: bool = False
     tmp_entries: tuple[TmpRemoval, ...] = ()
     cache_tmp: tuple[CacheTmpRemoval, ...] = ()
     #: Orphans left for a later pass by ``maxDeletionsPerPass``.

@@ -122,9 +122,15 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
     # What leftover containers use waits for them to go (Windows holds a running
     # container's layers open); every other orphan may go while they are removed.
     pinned_by_containers = {c.snapshot_key for c in leftover_containers if c.snapshot_key}
+    containers_first = False
     for c in leftover_containers:
-        for _, user in _builds_run_on(c, folder_owner):
+        builds = _builds_run_on(c, folder_owner)
+        for _, user in builds:
             pinned_by_containers.update(_active_and_committed(user))
+        # A folder no build names (its result-tmp/ entry is gone) could be any
+        # orphan's: then nothing goes until the containers have.
+        folders = ([c.root_path] if c.root_path else []) + list(c.layer_folders[-1:])
+        containers_first |= len(builds) < len(folders)
 
     # Rule 1: finished results keep their committed snapshot.
     for e in store.results:
@@ -234,6 +240,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         snapshot_reasons=removal_reason,
         snapshot_parents={k: parent_of[k] for level in levels for k in level},
         pinned=tuple(sorted(pinned_by_containers & orphans)),
+        containers_first=containers_first,
         tmp_entries=tuple(tmp_removals),
         cache_tmp=cache_tmp,
         deferred=deferred,

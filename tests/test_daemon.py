@@ -157,7 +157,8 @@ def test_daemon_never_disturbs_a_live_build_and_reclaims_every_leak(
     )
     assert stats.failures == [], "the worker failed: something it needed was removed under it"
     assert stats.cancellations > 0 and stats.prunes > 0 and stats.successes > 0
-    assert not monitor.pending(), f"leaks not reclaimed: {[leak.names for leak in monitor.pending()]}"
+    pending = [leak.names for leak in monitor.pending()]
+    assert not pending, f"leaks not reclaimed: {pending}\n{daemon.text()[-6000:]}"
     assert times[-1] <= bound
     assert code == 0, daemon.text()[-2000:]
     # What the store still needs is all there.

@@ -43,6 +43,7 @@ def test_case(path: Path) -> None:
     if "drift" in expect:
         assert p.drift.model_dump(mode="json") == expect["drift"]
     assert list(p.pinned) == expect.get("pinned", [])
+    assert p.containers_first is expect.get("containers_first", False)
     if "requeue_after" in expect:
         assert p.requeue_after == timedelta(seconds=expect["requeue_after"])
     for words in expect.get("warnings_contain", []):
