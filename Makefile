@@ -4,7 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo crds bench bench-daemon clean
+.PHONY: setup system-deps test lint demo crds bench bench-daemon clean
+
+# Debian packages the demo and the integration tests run: installed when missing, if we may.
+SYSTEM_TOOLS := containerd ctr runc unshare promtool systemd-analyze
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	[ -x /bin/busybox ] || missing="$$missing busybox"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages for:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	      containerd runc busybox-static util-linux prometheus systemd >/dev/null; \
+	  else echo "missing:$$missing (as root: apt-get install containerd runc busybox-static util-linux prometheus systemd)"; fi; \
+	fi
 
 setup: $(STAMP)
 
@@ -14,14 +28,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: setup lint
+test: system-deps setup lint
 	$(BIN)/pytest
 
 lint: setup
 	$(BIN)/ruff check controller tests examples bench
 	$(BIN)/mypy controller
 
-demo: setup
+demo: system-deps setup
 	$(BIN)/python examples/demo.py
 
 # Removal against the floor (N=2000 orphans, 50 leaked containers), then the planner at scale.
