@@ -38,14 +38,16 @@ class CtrContainerd:
         self.parallel = max(1, parallel)
 
     def observe(self) -> ContainerdState:
-        snapshots = self.ctr.snapshots()
-        ids = self.ctr.container_ids()
-        owned = [i for i in ids if i.startswith(self.container_prefix)]
-        # One `containers info` per owned container is the only way ctr gives a
-        # spec; run a few at once since each is a process start and a round trip.
-        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+        # The three listings are independent; the containers' details follow their
+        # list. One `containers info` per owned container is the only way ctr gives a
+        # spec, so a few run at once: each is a process start and a round trip.
+        with ThreadPoolExecutor(max_workers=self.parallel + 2) as pool:
+            snapshots_job = pool.submit(self.ctr.snapshots)
+            tasks_job = pool.submit(self.ctr.tasks)
+            ids = self.ctr.container_ids()
+            owned = [i for i in ids if i.startswith(self.container_prefix)]
             details = list(pool.map(self.ctr.container, owned))
-        tasks = self.ctr.tasks()
+            snapshots, tasks = snapshots_job.result(), tasks_job.result()
         return ContainerdState(
             snapshots=snapshots,
             containers=tuple(c for c in details if c is not None),

@@ -46,7 +46,8 @@ class Settings:
     #: None: no HTTP endpoints.
     metrics_address: str | None = None
     measure_bytes: bool = False
-    status_path: Path = Path("status.json")
+    #: Set by resolve(): the policy's, the flag's, or the store's own default.
+    status_path: Path = field(default=Path(), kw_only=True)
 
     def plan_options(self, mode: Mode) -> PlanOptions:
         """The deletion limit is for a daemon pacing itself beside a worker; at boot, remove it all."""
