@@ -16,7 +16,7 @@ import json
 import re
 import subprocess
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -150,18 +150,9 @@ class Ctr:
         The keys are split over ``parallelism`` ctr processes at once: containerd
         removes independent snapshots concurrently, so the level takes less time.
         """
-        results: dict[str, Result] = {}
-        parts = _split(list(keys), self.settings.parallelism)
-        if len(parts) <= 1:
-            for part in parts:
-                results.update(self._remove_in_order(part))
-            return results
-        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-            for done in pool.map(self._remove_in_order, parts):
-                results.update(done)
-        return results
+        return _fan_out(_split(list(keys), self.settings.parallelism), self._remove_in_order)
 
-    def _remove_in_order(self, keys: Sequence[str]) -> dict[str, Result]:
+    def _remove_in_order(self, keys: list[str]) -> dict[str, Result]:
         """One ctr call after another; a call stops at its first failure, so go on after it."""
         results: dict[str, Result] = {}
         for chunk in chunk_args(keys):
@@ -204,15 +195,7 @@ class Ctr:
                 return {i: Result(Outcome.NOT_TRIED, message) for i in chunk}
             return {i: failures.get(i, Result(Outcome.REMOVED)) for i in chunk}
 
-        results: dict[str, Result] = {}
-        if len(parts) <= 1:
-            for chunk in parts:
-                results.update(one(chunk))
-            return results
-        with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-            for done in pool.map(one, parts):
-                results.update(done)
-        return results
+        return _fan_out(parts, one)
 
 
 def parse_table(text: str) -> list[dict[str, str]]:
@@ -264,6 +247,19 @@ def classify(stderr: str) -> Result:
     if message.endswith("not found") or ": not found" in message or "does not exist" in message:
         return Result(Outcome.NOT_FOUND, message)
     return Result(Outcome.FAILED, message)
+
+
+def _fan_out(parts: list[list[str]], remove: Callable[[list[str]], dict[str, Result]]) -> dict[str, Result]:
+    """Run ``remove`` on each part, one ctr process a part, all at once; merge what they say."""
+    results: dict[str, Result] = {}
+    if len(parts) <= 1:
+        for part in parts:
+            results.update(remove(part))
+        return results
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        for done in pool.map(remove, parts):
+            results.update(done)
+    return results
 
 
 def _split(items: list[str], parts: int) -> list[list[str]]:
