@@ -64,14 +64,6 @@ def backoff(failures: int, rng: random.Random) -> float:
 
 
 @dataclass
-class PassReport:
-    plan: Plan
-    removed: int
-    failed: int
-    seconds: float
-
-
-@dataclass
 class Daemon:
     """Runs passes until told to stop. ``load`` re-reads the settings (policy reload)."""
 
@@ -130,7 +122,7 @@ class Daemon:
             self._wake = anyio.Event()  # triggers from now on ask for one more pass
             started = self.clock()
             try:
-                report = await anyio.to_thread.run_sync(self.run_pass)
+                plan, status = await anyio.to_thread.run_sync(self.run_pass)
             except ReconcileError as e:
                 failures += 1
                 next_in = backoff(failures, self._rng)
@@ -138,7 +130,7 @@ class Daemon:
                 self._finished(self._failed_status(started, e))
                 continue
             failures = 0
-            next_in = self._next_in(report)
+            next_in = self._next_in(plan, status)
 
     async def _beat(self) -> None:
         while True:
@@ -187,15 +179,15 @@ class Daemon:
             owned=prior.owned if prior else {},
         )
 
-    def _next_in(self, report: PassReport) -> float:
+    def _next_in(self, plan: Plan, status: PassStatus) -> float:
         interval = self.settings.interval.total_seconds()
-        if report.removed or report.plan.deferred:
+        if sum(status.removed.values()) or plan.deferred:
             return 0.0  # level-triggered: look again at once until nothing moves
-        if report.plan.requeue_after is not None:
-            return min(interval, report.plan.requeue_after.total_seconds() + 0.05)
+        if plan.requeue_after is not None:
+            return min(interval, plan.requeue_after.total_seconds() + 0.05)
         return interval
 
-    def run_pass(self) -> PassReport:
+    def run_pass(self) -> tuple[Plan, PassStatus]:
         """One pass: observe both sides, remember, plan, act. Runs in a worker thread."""
         t0 = self.clock()
         settings = self.settings
@@ -210,24 +202,24 @@ class Daemon:
         plan = make_plan(observation, options, now, Mode.DAEMON)
         self.passes += 1
         self.reporter.pass_started(self.passes, plan)
-        sizes = containerd.usage([*plan.snapshots, *plan.deferred]) if (settings.measure_bytes) else None
+        sizes = containerd.usage([*plan.snapshots, *plan.deferred]) if settings.measure_bytes else None
         result = execute(plan, containerd, StoreCleaner(settings.store), self.reporter, self.stopping.is_set)
         seconds = (self.clock() - t0).total_seconds()
-        report = PassReport(plan=plan, removed=result.progress, failed=len(result.failures()), seconds=seconds)
+        status = pass_status(plan, result, self.passes, self.clock(), seconds, sizes)
         kept = sum(1 for d in plan.decisions if d.keep and d.kind == "snapshot")
         log.info(
             "pass %d (%s): %d removed, %d failed, %d deferred, %d owned snapshots kept, %d ctr calls, %.2f s",
             self.passes,
             self._current,
-            report.removed,
-            report.failed,
+            sum(status.removed.values()),
+            sum(status.failed.values()),
             len(plan.deferred),
             kept,
             ctr.calls,
             seconds,
         )
-        self._finished(pass_status(plan, result, self.passes, self.clock(), seconds, sizes))
-        return report
+        self._finished(status)
+        return plan, status
 
     async def _signals(self) -> None:
         async for what in platform.signals():

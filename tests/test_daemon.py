@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from controller.ctr import Result
-from controller.daemon import Daemon, PassReport, backoff, remember
+from controller.daemon import Daemon, backoff, remember
 from controller.errors import CtrError
 from controller.executor import execute
 from controller.plan import Mode, Plan, PlanOptions
@@ -33,6 +33,7 @@ from controller.records import (
     TaskStatus,
 )
 from controller.settings import Overrides, resolve
+from controller.status import PassStatus
 from tests.support.containerd import PrivateContainerd
 from tests.support.fake import FakeContainerd, FakeStore
 from tests.support.sim_worker import LeakMonitor, SimWorker
@@ -217,7 +218,7 @@ def test_sighup_reloads_the_policy_and_a_bad_policy_keeps_the_old_one(
     assert daemon.stop() == 0
 
 
-def _daemon_with(pass_fn: Callable[[], PassReport], tmp_path: Path) -> Daemon:
+def _daemon_with(pass_fn: Callable[[], tuple[Plan, PassStatus]], tmp_path: Path) -> Daemon:
     root = create_store(tmp_path / "store")
     settings = resolve(Overrides(store=str(root)), None, {})
     d = Daemon(load=lambda: settings)
@@ -228,9 +229,12 @@ def _daemon_with(pass_fn: Callable[[], PassReport], tmp_path: Path) -> Daemon:
 def test_triggers_during_a_pass_coalesce_into_one_more_and_passes_never_overlap(tmp_path: Path) -> None:
     running = threading.Lock()
     calls: list[float] = []
-    empty = PassReport(plan=Plan(mode=Mode.DAEMON), removed=0, failed=0, seconds=0)
+    empty = (
+        Plan(mode=Mode.DAEMON),
+        PassStatus(time=NOW, mode=Mode.DAEMON, pass_number=1, outcome="success", seconds=0),
+    )
 
-    def slow_pass() -> PassReport:
+    def slow_pass() -> tuple[Plan, PassStatus]:
         assert running.acquire(blocking=False), "two passes overlapped"
         try:
             calls.append(time.monotonic())
@@ -257,9 +261,12 @@ def test_triggers_during_a_pass_coalesce_into_one_more_and_passes_never_overlap(
 
 def test_a_failing_pass_backs_off_and_the_loop_goes_on(tmp_path: Path) -> None:
     outcomes: list[str] = []
-    empty = PassReport(plan=Plan(mode=Mode.DAEMON), removed=0, failed=0, seconds=0)
+    empty = (
+        Plan(mode=Mode.DAEMON),
+        PassStatus(time=NOW, mode=Mode.DAEMON, pass_number=1, outcome="success", seconds=0),
+    )
 
-    def flaky() -> PassReport:
+    def flaky() -> tuple[Plan, PassStatus]:
         if len(outcomes) < 2:
             outcomes.append("fail")
             raise CtrError(["ctr"], 1, "ctr: failed to dial: connection refused")
