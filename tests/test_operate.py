@@ -131,7 +131,9 @@ def test_metrics_health_and_status_of_a_running_daemon(
             what="containerd_up to fall to 0 (ctr's dial timeout is 10 s)",
         )
         assert get(base_url + "/healthz")[0] == 200
-        assert read_status(world.root / "state" / "obuilder-reconcile" / "status.json").outcome == "error"
+        # The metrics are reported a moment before the status file is written: wait for it.
+        status_file = world.root / "state" / "obuilder-reconcile" / "status.json"
+        until(lambda: read_status(status_file).outcome == "error", timeout=10, what="the status file to say error")
         cd.start()
         until(lambda: get(base_url + "/readyz")[0] == 200, timeout=60, what="/readyz to recover")
         assert get(base_url + "/nothing")[0] == 404
