@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from controller import __version__, platform
 from controller.containerd import CtrContainerd
@@ -264,6 +265,12 @@ def once_status(summary: Summary, now: datetime, meter: UsageMeter | None) -> Pa
     )
 
 
+def daemon_reporters(status_path: Path, metrics: Reporter) -> Reporters:
+    # The status file before the metrics: whoever sees a gauge move (an alert, a test) then finds the
+    # status file already saying the same.
+    return Reporters(LogReporter(), StatusFile(status_path), metrics)
+
+
 def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> int:
     """Beside a live worker, until SIGTERM/SIGINT. Never boot semantics, so no worker check."""
     if args.dry_run or args.json:
@@ -275,7 +282,7 @@ def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Setti
 
     configure_logging(args.log_format)
     metrics = Metrics()
-    reporters = Reporters(LogReporter(), metrics, StatusFile(settings.status_path))
+    reporters = daemon_reporters(settings.status_path, metrics)
     with StoreLock(settings.store):
         daemon = Daemon(load=lambda: resolve_settings(args, env), reporter=reporters)
         endpoints = None

@@ -126,8 +126,8 @@ class Daemon:
             except ReconcileError as e:
                 failures += 1
                 next_in = backoff(failures, self._rng)
-                log.warning("pass failed (%s); retrying in %.1f s", e, next_in)
                 self._finished(self._failed_status(started, e))
+                log.warning("pass failed (%s); retrying in %.1f s", e, next_in)
                 continue
             failures = 0
             next_in = self._next_in(plan, status)
@@ -206,6 +206,8 @@ class Daemon:
         result = execute(plan, containerd, StoreCleaner(settings.store), self.reporter, self.stopping.is_set)
         seconds = (self.clock() - t0).total_seconds()
         status = pass_status(plan, result, self.passes, self.clock(), seconds, sizes)
+        # Reported first, logged last: once the log says a pass ended, status.json and /metrics say so too.
+        self._finished(status)
         kept = sum(1 for d in plan.decisions if d.keep and d.kind == "snapshot")
         log.info(
             "pass %d (%s): %d removed, %d failed, %d deferred, %d owned snapshots kept, %d ctr calls, %.2f s",
@@ -218,7 +220,6 @@ class Daemon:
             ctr.calls,
             seconds,
         )
-        self._finished(status)
         return plan, status
 
     async def _signals(self) -> None:

@@ -18,12 +18,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from controller.cli import daemon_reporters
 from controller.metrics import METRICS
-from controller.status import read_status
+from controller.plan import Mode
+from controller.reporters import Reporter
+from controller.status import PassStatus, read_status
 from tests.support.cli import reconcile_on
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
 from tests.support.world import World
@@ -131,9 +135,8 @@ def test_metrics_health_and_status_of_a_running_daemon(
             what="containerd_up to fall to 0 (ctr's dial timeout is 10 s)",
         )
         assert get(base_url + "/healthz")[0] == 200
-        # The metrics are reported a moment before the status file is written: wait for it.
-        status_file = world.root / "state" / "obuilder-reconcile" / "status.json"
-        until(lambda: read_status(status_file).outcome == "error", timeout=10, what="the status file to say error")
+        # The status file is written before the metrics move, so it already says so.
+        assert read_status(world.root / "state" / "obuilder-reconcile" / "status.json").outcome == "error"
         cd.start()
         until(lambda: get(base_url + "/readyz")[0] == 200, timeout=60, what="/readyz to recover")
         assert get(base_url + "/nothing")[0] == 404
@@ -176,6 +179,23 @@ def test_status_file_survives_kill_9_mid_write(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(list(path.parent.iterdir())) <= 2
+
+
+def test_the_daemon_writes_its_status_file_before_the_metrics_move(tmp_path: Path) -> None:
+    # An alert on a gauge sends a human to status.json: it must already tell the same pass.
+    path = tmp_path / "status.json"
+    seen: list[int] = []
+
+    class MetricsSpy(Reporter):
+        def pass_finished(self, status: PassStatus) -> None:
+            seen.append(read_status(path).pass_number)
+
+    reporters = daemon_reporters(path, MetricsSpy())
+    for n in (1, 2):
+        reporters.pass_finished(
+            PassStatus(time=datetime.now(UTC), mode=Mode.DAEMON, pass_number=n, outcome="success", seconds=0.1)
+        )
+    assert seen == [1, 2]
 
 
 @pytest.mark.containerd
