@@ -39,7 +39,7 @@ demo: system-deps setup
 	$(BIN)/python examples/demo.py
 
 # Removal against the floor (N=2000 orphans, 50 leaked containers), then the planner at scale.
-bench: setup
+bench: system-deps setup
 	$(BIN)/python bench/removal_bench.py
 	$(BIN)/python bench/planner_scale.py
 
