@@ -97,10 +97,14 @@ def check_store(root: Path) -> None:
 def observe_store(root: Path, *, busy_timeout: float = 5.0) -> StoreState:
     """Read result/, result-tmp/, cache-tmp/ and the DB. Checks sanity first."""
     check_store(root)
+    # result-tmp/ before result/: a build that ends mid-scan moves its folder from the
+    # first to the second, so it is seen in one of them or both, never in neither.
+    tmp = tuple(_read_entries(root / "result-tmp", "result-tmp"))
+    results = tuple(_read_entries(root / "result", "result"))
     return StoreState(
         root=str(root),
-        results=tuple(_read_entries(root / "result", "result")),
-        tmp=tuple(_read_entries(root / "result-tmp", "result-tmp")),
+        results=results,
+        tmp=tmp,
         cache_tmp=tuple(sorted(_names(root / "cache-tmp"))),
         db_rows=read_db(root.joinpath(*DB_PATH), busy_timeout=busy_timeout),
     )
@@ -148,14 +152,19 @@ def _names(folder: Path) -> list[str]:
 
 
 def _read_entries(folder: Path, area: str) -> list[StoreEntry]:
-    out = []
-    for name in sorted(_names(folder)):
-        out.append(_read_entry(folder / name, area))
-    return out
+    entries = (_read_entry(folder / name, area) for name in sorted(_names(folder)))
+    return [e for e in entries if e is not None]
 
 
-def _read_entry(path: Path, area: str) -> StoreEntry:
-    st = path.lstat()
+def _read_entry(path: Path, area: str) -> StoreEntry | None:
+    """The entry, or None when it went between the listing and the read (the worker
+    pruned a result, or a build ended or was cancelled): the store no longer has it."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreReadError(f"{path}: {e.strerror or e}") from e
     link = platform.is_link(st)
     fields: dict[str, object] = {"id": path.name, "area": area, "is_link": link}
     if link or not stat.S_ISDIR(st.st_mode):
@@ -164,11 +173,16 @@ def _read_entry(path: Path, area: str) -> StoreEntry:
     fields["has_rootfs"] = (path / "rootfs").is_dir()
     for candidate in layerinfo_candidates(path):
         if candidate.is_file():
-            fields["layerinfo_path"] = str(candidate)
             try:
                 fields["layerinfo"] = read_layerinfo(candidate)
             except LayerinfoError as e:
+                # Gone while we read it is not a bad file: read what is there now.
+                if not os.path.lexists(path):
+                    return None
+                if not os.path.lexists(candidate):
+                    continue
                 fields["layerinfo_error"] = str(e)
+            fields["layerinfo_path"] = str(candidate)
             break
     if area == "result-tmp":
         fields["changed_at"] = _newest_change(path, st)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +145,52 @@ def test_symlinked_entry_is_recorded_not_followed(tmp_path: Path) -> None:
     os.symlink(outside, root / "result-tmp" / "link")
     (entry,) = observe_store(root).tmp
     assert entry.is_link and entry.layerinfo is None
+
+
+def test_a_store_changing_under_the_scan_is_read_whole(tmp_path: Path) -> None:
+    # A live worker ends builds (result-tmp/ID renamed to result/ID), cancels them and prunes
+    # results while we read. No scan may fail, and none may miss a build that existed all along:
+    # a missed one would make its snapshot look orphaned.
+    root = create_store(tmp_path / "store")
+    for i in range(40):
+        (root / "result" / f"kept{i}").mkdir()
+        (root / "result" / f"kept{i}" / "layerinfo").write_text(layerinfo_text(f"obuilder-kept{i}", "/k", []))
+    created, gone = [0], [0]  # builds made so far; builds removed so far (in order)
+    stop = threading.Event()
+
+    def worker() -> None:
+        i = 0
+        while not stop.is_set():
+            tmp = root / "result-tmp" / f"b{i}"
+            tmp.mkdir()
+            (tmp / "layerinfo").write_text(layerinfo_text(f"obuilder-b{i}", "/b", []))
+            created[0] = i + 1
+            if i >= 3:  # a few builds run at once; the oldest ends
+                os.rename(root / "result-tmp" / f"b{i - 3}", root / "result" / f"b{i - 3}")
+            if i >= 6:
+                gone[0] = i - 5  # counted as gone from the moment its pruning starts
+                shutil.rmtree(root / "result" / f"b{i - 6}")  # pruned, oldest first
+            i += 1
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    scans = 0
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            alive_from, alive_to = gone[0], created[0]
+            state = observe_store(root)
+            alive_from = gone[0]  # anything pruned during the scan may be missing
+            seen = {e.id for e in (*state.results, *state.tmp)}
+            missing = [f"b{i}" for i in range(alive_from, alive_to) if f"b{i}" not in seen]
+            assert not missing, f"scan {scans} missed builds that existed throughout it: {missing}"
+            # A result is whole when it is renamed in; one being pruned reads as whatever is left of it.
+            assert [e.layerinfo_error for e in state.results if e.layerinfo_error] == []
+            scans += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert scans > 20 and created[0] > 100, (scans, created[0])
 
 
 @pytest.mark.parametrize("missing", ["result", "state/db/db.sqlite"])
