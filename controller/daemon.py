@@ -123,11 +123,16 @@ class Daemon:
             started = self.clock()
             try:
                 plan, status = await anyio.to_thread.run_sync(self.run_pass)
-            except ReconcileError as e:
+            except Exception as e:
                 failures += 1
                 next_in = backoff(failures, self._rng)
                 self._finished(self._failed_status(started, e))
-                log.warning("pass failed (%s); retrying in %.1f s", e, next_in)
+                if isinstance(e, ReconcileError):
+                    log.warning("pass failed (%s); retrying in %.1f s", e, next_in)
+                else:
+                    # A bug or an OS error nobody foresaw: the traceback says where, and
+                    # the loop outlives it, as a controller must; the next pass looks afresh.
+                    log.error("pass failed unexpectedly; retrying in %.1f s", next_in, exc_info=e)
                 continue
             failures = 0
             next_in = self._next_in(plan, status)
@@ -164,7 +169,7 @@ class Daemon:
         except OSError as e:  # a full disk must not stop the loop
             log.error("could not report the pass: %s", e)
 
-    def _failed_status(self, started: datetime, error: ReconcileError) -> PassStatus:
+    def _failed_status(self, started: datetime, error: Exception) -> PassStatus:
         prior = self.last_status
         return PassStatus(
             time=self.clock(),
@@ -172,7 +177,7 @@ class Daemon:
             pass_number=self.passes,
             outcome="error",
             seconds=(self.clock() - started).total_seconds(),
-            error=str(error),
+            error=str(error) if isinstance(error, ReconcileError) else f"{type(error).__name__}: {error}",
             containerd_up=not isinstance(error, CtrError),
             drift=prior.drift if prior else {},
             stuck=prior.stuck if prior else (),
