@@ -129,8 +129,7 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
             pinned_by_containers.update(_active_and_committed(user))
         # A folder no build names (its result-tmp/ entry is gone) could be any
         # orphan's: then nothing goes until the containers have.
-        folders = ([c.root_path] if c.root_path else []) + list(c.layer_folders[-1:])
-        containers_first |= len(builds) < len(folders)
+        containers_first |= len(builds) < len(_run_folders(c))
 
     # Rule 1: finished results keep their committed snapshot.
     for e in store.results:
@@ -218,12 +217,10 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         levels = [[k for k in level if k in allowed] for level in levels]
         levels = [level for level in levels if level]
 
-    for k in sorted(owned):
-        if k in keep.why:
-            rule, reason = keep.why[k]
-            decisions.append(Decision(kind="snapshot", name=k, keep=True, rule=rule, reason=reason))
-        else:
-            continue  # an orphan's decision is its reason in the plan (decision_for)
+    # Kept snapshots only: an orphan's decision is its reason in the plan (decision_for).
+    for k in sorted(owned & keep.why.keys()):
+        rule, reason = keep.why[k]
+        decisions.append(Decision(kind="snapshot", name=k, keep=True, rule=rule, reason=reason))
 
     cache_tmp: tuple[CacheTmpRemoval, ...] = ()
     if mode is Mode.BOOT:
@@ -251,10 +248,14 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
     )
 
 
+def _run_folders(c: Container) -> list[str]:
+    """The folders a container runs on: Linux ``root.path``, Windows' last layer folder."""
+    return ([c.root_path] if c.root_path else []) + list(c.layer_folders[-1:])
+
+
 def _builds_run_on(c: Container, folder_owner: dict[str, StoreEntry]) -> list[tuple[str, StoreEntry]]:
-    """The builds whose folder a container runs on: Linux ``root.path``, Windows' last layer folder."""
-    folders = ([c.root_path] if c.root_path else []) + list(c.layer_folders[-1:])
-    found = [(folder, folder_owner.get(path_identity(folder))) for folder in folders]
+    """The builds whose folder a container runs on."""
+    found = [(folder, folder_owner.get(path_identity(folder))) for folder in _run_folders(c)]
     return [(folder, user) for folder, user in found if user is not None and user.layerinfo is not None]
 
 
