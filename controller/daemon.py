@@ -213,7 +213,6 @@ class Daemon:
         status = pass_status(plan, result, self.passes, self.clock(), seconds, sizes)
         # Reported first, logged last: once the log says a pass ended, status.json and /metrics say so too.
         self._finished(status)
-        kept = sum(1 for d in plan.decisions if d.keep and d.kind == "snapshot")
         log.info(
             "pass %d (%s): %d removed, %d failed, %d deferred, %d owned snapshots kept, %d ctr calls, %.2f s",
             self.passes,
@@ -221,7 +220,7 @@ class Daemon:
             sum(status.removed.values()),
             sum(status.failed.values()),
             len(plan.deferred),
-            kept,
+            len(plan.kept("snapshot")),
             ctr.calls,
             seconds,
         )

@@ -147,6 +147,10 @@ class Plan(Record):
             "stuck": 0,
         }
 
+    def kept(self, kind: ObjectKind) -> list[Decision]:
+        """The decisions to keep objects of ``kind``."""
+        return [d for d in self.decisions if d.keep and d.kind == kind]
+
     def decision_for(self, name: str) -> list[Decision]:
         found = [d for d in self.decisions if d.name == name]
         if name in self.snapshot_reasons:

@@ -121,7 +121,7 @@ def reconcile(
         removed={k: removed.get(k, 0) for k in _KINDS},
         already_gone={k: gone.get(k, 0) for k in _KINDS},
         planned=count_planned(first),
-        kept_snapshots=sum(1 for d in current.decisions if d.kind == "snapshot" and d.keep),
+        kept_snapshots=len(current.kept("snapshot")),
         stuck=tuple(stuck),
         remaining=current.drift_counts() | {"stuck": len(stuck)},
         drift=current.drift,

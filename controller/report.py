@@ -53,7 +53,7 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
         lines.append(f"  remove cache-tmp/{ct.name}: {ct.reason}")
     if plan.deferred:
         lines.append(f"  defer {count(len(plan.deferred), 'snapshot')} to a later pass (maxDeletionsPerPass)")
-    kept = [d for d in plan.decisions if d.keep and d.kind == "snapshot"]
+    kept = plan.kept("snapshot")
     if kept:
         rules = Counter(d.rule for d in kept)
         detail = ", ".join(f"{n} {rule}" for rule, n in rules.most_common())
@@ -61,8 +61,7 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
         for d in kept:
             if d.rule == "protected" or verbose:
                 lines.append(f"  keep {d.name}: {d.reason}")
-    kept_containers = [d for d in plan.decisions if d.keep and d.kind == "container"]
-    for d in kept_containers:
+    for d in plan.kept("container"):
         lines.append(f"  keep container {d.name}: {d.reason}")
     lines += _render_drift_and_warnings(plan)
     return "\n".join(lines)
