@@ -16,9 +16,7 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.support.containerd import PrivateContainerd  # noqa: E402
+from tests.support.daemon import DaemonProcess  # noqa: E402
 from tests.support.world import World  # noqa: E402
 
 _PASS = re.compile(r"^(\S+ \S+) INFO pass (\d+) \((.*)\): .*, ([\d.]+) s$", re.M)
@@ -84,7 +83,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="obr-bench-"))
     cd = PrivateContainerd(work / "cd")
-    daemon: subprocess.Popen[bytes] | None = None
+    daemon: DaemonProcess | None = None
     try:
         cd.start()
         world = World(cd, "bench", work / "store")
@@ -97,29 +96,22 @@ def main() -> int:
             "spec:\n  containerd: {namespace: bench, snapshotter: native}\n"
             "  timing: {gracePeriod: 10m, staleAfter: 6h, interval: 5m}\n"
         )
-        log_path = work / "daemon.log"
-        with open(log_path, "wb") as log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "controller", "--policy", str(policy), "--store", str(world.root),
-                 "--address", cd.address],
-                stdout=log, stderr=log, cwd=REPO,
-            )  # fmt: skip
-        while not pass_starts(log_path.read_text()):
-            time.sleep(0.1)
+        daemon = DaemonProcess(cd, world.root, policy, work / "daemon.log")
+        daemon.wait_for(r"INFO pass 1 ", timeout=60)
         time.sleep(2)
 
-        before = cpu_seconds(daemon.pid)
+        before = cpu_seconds(daemon.proc.pid)
         time.sleep(args.idle)
-        idle_share = (cpu_seconds(daemon.pid) - before) / args.idle
+        idle_share = (cpu_seconds(daemon.proc.pid) - before) / args.idle
 
         delays = []
         for i in range(args.changes):
-            known = len(pass_starts(log_path.read_text()))
+            known = len(pass_starts(daemon.text()))
             t0 = time.time()
             (world.root / "result-tmp" / f"lat-{i}").mkdir()
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                starts = pass_starts(log_path.read_text())
+                starts = pass_starts(daemon.text())
                 if len(starts) > known:
                     delays.append(starts[known][1] - t0)
                     break
@@ -142,9 +134,8 @@ def main() -> int:
         ok = idle_share < 0.01 and worst < 2.0
         return 0 if ok else 1
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(30)
+        if daemon is not None:
+            daemon.stop()
         cd.stop()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +33,7 @@ from controller.records import (
 from controller.settings import Overrides, resolve
 from controller.status import PassStatus
 from tests.support.containerd import PrivateContainerd
+from tests.support.daemon import DaemonProcess
 from tests.support.fake import FakeContainerd, FakeStore
 from tests.support.sim_worker import LeakMonitor, SimWorker
 from tests.support.world import World, create_store
@@ -51,38 +50,6 @@ def policy(path: Path, namespace: str, *, grace: float = GRACE, interval: float 
         f"  timing: {{gracePeriod: {grace:g}s, staleAfter: 30s, interval: {interval:g}s}}\n"
     )
     return path
-
-
-class DaemonProcess:
-    def __init__(self, cd: PrivateContainerd, store: Path, policy_file: Path, log: Path) -> None:
-        self.log = log
-        self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        argv = [sys.executable, "-m", "controller", "--policy", str(policy_file), "--store", str(store)]
-        self.proc = subprocess.Popen([*argv, "--address", cd.address], stdout=self.out, stderr=self.out)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(pattern, self.text())
-            if m:
-                return m
-            assert self.proc.poll() is None, self.text()
-            time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not in the daemon's log:\n{self.text()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self.out.close()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from controller.reporters import Reporter
 from controller.status import PassStatus, read_status
 from tests.support.cli import reconcile_on
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
+from tests.support.daemon import DaemonProcess
 from tests.support.world import World
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,20 +88,13 @@ def test_metrics_health_and_status_of_a_running_daemon(
         "  timing: {gracePeriod: 0s, interval: 2s}\n"
         "  metrics: {address: '127.0.0.1:0', measureBytes: true}\n"
     )
-    log = tmp_path / "daemon.log"
-    with open(log, "wb") as out:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "controller", "--policy", str(policy), "--store", str(world.root),
-             "--address", cd.address],
-            stdout=out, stderr=out,
-        )  # fmt: skip
+    daemon = DaemonProcess(cd, world.root, policy, tmp_path / "daemon.log")
     try:
-        until(lambda: "serving /metrics" in log.read_text(), what="the metrics server")
-        port = re.search(r"on 127\.0\.0\.1:(\d+)", log.read_text()).group(1)  # type: ignore[union-attr]
+        port = daemon.wait_for(r"serving /metrics.* on 127\.0\.0\.1:(\d+)", timeout=30).group(1)
         base_url = f"http://127.0.0.1:{port}"
         until(lambda: get(base_url + "/readyz")[0] == 200, what="/readyz")
         until(lambda: not set(orphans) & set(cd.snapshot_keys("ops")), what="the orphans to go")
-        until(lambda: "pass 2 " in log.read_text(), what="a pass after the removal")
+        daemon.wait_for(r"pass 2 ", timeout=30)  # a pass after the removal
         code, text = get(base_url + "/metrics")
         assert code == 200
         assert sample(text, "obuilder_reconcile_drift_objects", kind="orphan_snapshots") == 0
@@ -141,8 +135,7 @@ def test_metrics_health_and_status_of_a_running_daemon(
         until(lambda: get(base_url + "/readyz")[0] == 200, timeout=60, what="/readyz to recover")
         assert get(base_url + "/nothing")[0] == 404
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=30) == 0, log.read_text()[-2000:]
+        assert daemon.stop() == 0, daemon.text()[-2000:]
 
 
 WRITER = """

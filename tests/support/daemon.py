@@ -1,0 +1,46 @@
+"""The daemon as a user runs it: ``reconcile`` without ``--once``, its log in a file."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.containerd import PrivateContainerd
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class DaemonProcess:
+    def __init__(self, cd: PrivateContainerd, store: Path, policy_file: Path, log: Path) -> None:
+        self.log = log
+        self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        argv = [sys.executable, "-m", "controller", "--policy", str(policy_file), "--store", str(store)]
+        self.proc = subprocess.Popen([*argv, "--address", cd.address], stdout=self.out, stderr=self.out, cwd=REPO)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.text())
+            if m:
+                return m
+            assert self.proc.poll() is None, self.text()
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in the daemon's log:\n{self.text()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.out.close()
