@@ -152,7 +152,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     mode = Mode.BOOT if args.once else Mode.DAEMON
     options = settings.plan_options(mode)
     ctr = Ctr(settings.ctr)
-    containerd = CtrContainerd(ctr, container_prefix=options.container_prefix, parallel=settings.ctr.parallelism)
+    containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
 
     def observe() -> Observation:
         return Observation(store=observe_store(settings.store), containerd=containerd.observe())

@@ -32,10 +32,11 @@ class ContainerdActuator(Protocol):
 class CtrContainerd:
     """Both roles, through one :class:`Ctr`."""
 
-    def __init__(self, ctr: Ctr, *, container_prefix: str, parallel: int = 4) -> None:
+    def __init__(self, ctr: Ctr, *, container_prefix: str) -> None:
         self.ctr = ctr
         self.container_prefix = container_prefix
-        self.parallel = max(1, parallel)
+        #: `containers info` calls at once: the degree removals use too.
+        self.parallel = max(1, ctr.settings.parallelism)
 
     def observe(self) -> ContainerdState:
         # The three listings are independent; the containers' details follow their

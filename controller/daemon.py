@@ -198,7 +198,7 @@ class Daemon:
         settings = self.settings
         ctr = Ctr(settings.ctr)
         options = settings.plan_options(Mode.DAEMON)
-        containerd = CtrContainerd(ctr, container_prefix=options.container_prefix, parallel=settings.ctr.parallelism)
+        containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
         store_state = observe_store(settings.store)
         cd_state = containerd.observe()
         now = self.clock()
