@@ -20,7 +20,7 @@ from controller.errors import CtrNotFoundError, CtrTimeoutError
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
 from tests.support.world import World
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ctr"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "ctr"
 
 # Shape of `ctr snapshots ls` (tabwriter, minwidth 1, padding 1): an empty PARENT
 # is only blanks, and a key may contain spaces.

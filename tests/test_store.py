@@ -16,14 +16,13 @@ from controller.errors import LayerinfoError, StoreSanityError
 from controller.store import check_store, observe_store, read_db, read_layerinfo
 from tests.support.world import create_store, layerinfo_text
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 WIN = "C:\\ProgramData\\containerd\\root\\io.containerd.snapshotter.v1.windows\\snapshots\\"
 
 
 def fixture(name: str) -> Path:
     path = FIXTURES / "layerinfo" / name
-    if not path.exists():  # a checkout beside shared/ is how CI and developers run
-        pytest.fail(f"fixture {path} is missing: tests expect ../shared/fixtures beside the repository")
+    assert path.exists(), f"fixture {path} is missing from tests/fixtures/"
     return path
 
 
