@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test lint demo crds bench bench-daemon clean
+.PHONY: setup system-deps test test-lines lint demo crds bench bench-daemon clean
 
 # Debian packages the demo and the integration tests run: installed when missing, if we may.
 SYSTEM_TOOLS := containerd ctr runc unshare promtool systemd-analyze
@@ -30,6 +30,20 @@ $(STAMP): pyproject.toml
 
 test: system-deps setup lint
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory test-lines
+
+# The tests on the real daemon again, on the other containerd lines Debian serves:
+# trixie's 1.7 and sid's 2.1 (our users' Windows workers run 2.x). Their packages are
+# fetched with a private apt configuration and unpacked under .cache/, never installed.
+CONTAINERD_LINES ?= trixie sid
+LINES_DIR := $(CURDIR)/.cache/containerd
+test-lines: system-deps setup
+	@for suite in $(CONTAINERD_LINES); do \
+	  .ci/fetch-containerd $$suite $(LINES_DIR)/$$suite || exit 1; \
+	  echo "== the containerd tests on $$suite's containerd"; \
+	  OBR_CONTAINERD_BIN=$(LINES_DIR)/$$suite/root/usr/bin PATH="$(LINES_DIR)/$$suite/root/usr/bin:$$PATH" \
+	    $(BIN)/pytest -m containerd || exit 1; \
+	done
 
 lint: setup
 	$(BIN)/ruff check controller tests examples bench
@@ -51,4 +65,4 @@ crds: setup
 	$(BIN)/python -m controller.crd
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo-run .cache .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Protocol
 
 from controller.ctr import Ctr, Result
@@ -27,6 +28,10 @@ class ContainerdActuator(Protocol):
     def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]: ...
 
     def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]: ...
+
+    def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
+        """containerd's Created of each key; None for a key that is gone."""
+        ...
 
 
 class CtrContainerd:
@@ -64,6 +69,9 @@ class CtrContainerd:
 
     def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
         return self.ctr.remove_snapshots(keys)
+
+    def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
+        return self.ctr.snapshot_created(keys) if keys else {}
 
     def usage(self, keys: Sequence[str]) -> dict[str, int]:
         return self.ctr.usage(keys) if keys else {}

@@ -21,11 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from controller import platform
 from controller.errors import CtrError, CtrNotFoundError, CtrTimeoutError
 from controller.records import Container, Snapshot, Task, TaskStatus
+
+V = TypeVar("V")
 
 
 class Outcome(StrEnum):
@@ -38,6 +40,9 @@ class Outcome(StrEnum):
     HAS_CHILD = "has-child"
     #: Not attempted: an earlier key of the same ``snapshots rm`` call failed.
     NOT_TRIED = "not-tried"
+    #: Not attempted: the object changed since it was planned (a snapshot re-created
+    #: under the same key, a store entry for its build appeared). The next pass judges it.
+    CHANGED = "changed"
     FAILED = "failed"
 
     @property
@@ -127,6 +132,25 @@ class Ctr:
             Task(id=r["TASK"], pid=_int_or_none(r.get("PID", "")), status=_status(r.get("STATUS", "")))
             for r in parse_table(self.output(["tasks", "ls"]))
         )
+
+    def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
+        """containerd's Created of each key (``snapshots info``, one key a call, a few at
+        once); None for a key that is gone. Any other failure is a :class:`CtrError`."""
+
+        def one(part: list[str]) -> dict[str, datetime | None]:
+            out: dict[str, datetime | None] = {}
+            for key in part:
+                args = ["snapshots", "--snapshotter", self.settings.snapshotter, "info", "--", key]
+                proc = self.run(args)
+                if proc.returncode == 0:
+                    out[key] = parse_snapshot_created(proc.stdout, key)
+                elif classify(proc.stderr).outcome is Outcome.NOT_FOUND:
+                    out[key] = None
+                else:
+                    raise CtrError([self.settings.ctr, *args], proc.returncode, proc.stderr)
+            return out
+
+        return _fan_out(_split(list(keys), self.settings.parallelism), one)
 
     def usage(self, keys: Sequence[str]) -> dict[str, int]:
         """Bytes each snapshot holds (``snapshots usage -b``); keys it cannot measure are left out.
@@ -221,6 +245,15 @@ def parse_table(text: str) -> list[dict[str, str]]:
     return rows
 
 
+def parse_snapshot_created(text: str, key: str) -> datetime:
+    """The ``Created`` of ``ctr snapshots info`` JSON (RFC 3339, nanoseconds cut to micro)."""
+    try:
+        data = json.loads(text)
+        return datetime.fromisoformat(data["Created"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CtrError(["ctr", "snapshots", "info", key], 0, f"unexpected output ({e}): {text[:200]!r}") from e
+
+
 def parse_container_info(text: str) -> Container:
     """``ctr containers info`` JSON (containerd 1.6 to 2.x, Linux or Windows) as a record."""
     data: dict[str, Any] = json.loads(text)
@@ -249,9 +282,9 @@ def classify(stderr: str) -> Result:
     return Result(Outcome.FAILED, message)
 
 
-def _fan_out(parts: list[list[str]], remove: Callable[[list[str]], dict[str, Result]]) -> dict[str, Result]:
+def _fan_out(parts: list[list[str]], remove: Callable[[list[str]], dict[str, V]]) -> dict[str, V]:
     """Run ``remove`` on each part, one ctr process a part, all at once; merge what they say."""
-    results: dict[str, Result] = {}
+    results: dict[str, V] = {}
     if len(parts) <= 1:
         for part in parts:
             results.update(remove(part))

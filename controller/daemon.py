@@ -28,13 +28,13 @@ from controller.containerd import CtrContainerd
 from controller.ctr import Ctr
 from controller.errors import CtrError, ReconcileError
 from controller.executor import execute
+from controller.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
 from controller.plan import Mode, Plan
-from controller.planner import plan as make_plan
-from controller.records import ContainerdState, History, Observation, TaskStatus
+from controller.records import ContainerdState, History, Observation, TaskStatus, container_identity
 from controller.reporters import Reporter
 from controller.settings import Settings
 from controller.status import PassStatus, pass_status
-from controller.store import observe_store
+from controller.store import entry_exists, observe_store
 from controller.store_cleanup import StoreCleaner
 
 log = logging.getLogger("reconcile")
@@ -49,13 +49,17 @@ BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
 def remember(history: History, containerd: ContainerdState, now: datetime) -> History:
     """The daemon's memory, brought up to date with one observation.
 
-    When each snapshot was first seen, and since when each container has had no
-    live task; objects that are gone are forgotten.
+    Since when each container (by id and creation time: ids repeat) has had no live
+    task; containers that are gone are forgotten. Snapshots need no memory: their age
+    is containerd's Created.
     """
-    first_seen = {s.key: history.snapshots_first_seen.get(s.key, now) for s in containerd.snapshots}
     live = {t.id for t in containerd.tasks if t.status in _LIVE}
-    idle = {c.id: history.containers_idle_since.get(c.id, now) for c in containerd.containers if c.id not in live}
-    return History(snapshots_first_seen=first_seen, containers_idle_since=idle)
+    idle = {}
+    for c in containerd.containers:
+        if c.id not in live:
+            identity = container_identity(c)
+            idle[identity] = history.containers_idle_since.get(identity, now)
+    return History(containers_idle_since=idle)
 
 
 def backoff(failures: int, rng: random.Random) -> float:
@@ -199,30 +203,47 @@ class Daemon:
         ctr = Ctr(settings.ctr)
         options = settings.plan_options(Mode.DAEMON)
         containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
-        store_state = observe_store(settings.store)
+        # containerd before the store: a build that starts after the listing is not in
+        # it, and one that starts before it (prepare, then result-tmp/) is in both or
+        # young; the re-check before each removal covers what changes after.
         cd_state = containerd.observe()
+        store_state = observe_store(settings.store)
         now = self.clock()
         self.history = remember(self.history, cd_state, now)
         observation = Observation(store=store_state, containerd=cd_state, history=self.history)
-        plan = make_plan(observation, options, now, Mode.DAEMON)
+        plan = plan_with_ages(observation, options, now, Mode.DAEMON, containerd)
         self.passes += 1
         self.reporter.pass_started(self.passes, plan)
         sizes = containerd.usage([*plan.snapshots, *plan.deferred]) if settings.measure_bytes else None
-        result = execute(plan, containerd, StoreCleaner(settings.store), self.reporter, self.stopping.is_set)
+        root = settings.store
+        guard = RemovalGuard(containerd, lambda area, i: entry_exists(root, area, i), prefix=options.snapshot_prefix)
+        result = execute(
+            plan,
+            containerd,
+            StoreCleaner(settings.store),
+            self.reporter,
+            self.stopping.is_set,
+            guard=guard,
+            batch=RECHECK_BATCH,
+        )
         seconds = (self.clock() - t0).total_seconds()
         status = pass_status(plan, result, self.passes, self.clock(), seconds, sizes)
         # Reported first, logged last: once the log says a pass ended, status.json and /metrics say so too.
         self._finished(status)
+        window = f", re-check window max {status.recheck_window * 1000:.0f} ms" if status.recheck_window else ""
         log.info(
-            "pass %d (%s): %d removed, %d failed, %d deferred, %d owned snapshots kept, %d ctr calls, %.2f s",
+            "pass %d (%s): %d removed, %d failed, %d changed since planned, %d deferred, "
+            "%d owned snapshots kept, %d ctr calls, %.2f s%s",
             self.passes,
             self._current,
             sum(status.removed.values()),
             sum(status.failed.values()),
+            status.changed,
             len(plan.deferred),
             len(plan.kept("snapshot")),
             ctr.calls,
             seconds,
+            window,
         )
         return plan, status
 
@@ -237,10 +258,21 @@ class Daemon:
 
     def _reload(self, why: str) -> None:
         try:
-            self.settings = self.load()
+            settings = self.load()
         except ReconcileError as e:
             log.error("policy reload (%s) failed, keeping the previous policy: %s", why, e)
             return
+        if settings.store.absolute() != self.settings.store.absolute():
+            # The lock we hold is the old store's; another instance may own the new one.
+            log.error(
+                "policy reload (%s) refused, keeping the previous policy: it moves the store from %s to %s; "
+                "restart the daemon to change stores",
+                why,
+                self.settings.store,
+                settings.store,
+            )
+            return
+        self.settings = settings
         log.info("policy reloaded (%s)", why)
         self.trigger(f"policy reloaded ({why})")
 

@@ -6,6 +6,7 @@ is skipped, not forced: the next pass observes again and decides afresh.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,9 +33,18 @@ class ActionResult:
     message: str = ""
 
 
+class Guard(Protocol):
+    def check(self, plan: Plan, keys: Sequence[str]) -> dict[str, Result]:
+        """Keys that must not be removed now, with why; the others are confirmed."""
+        ...
+
+
 @dataclass
 class PassResult:
     results: list[ActionResult] = field(default_factory=list)
+    #: Seconds from the start of each batch's last check to the end of its removal:
+    #: the window in which a key re-created under us would still be removed.
+    recheck_windows: list[float] = field(default_factory=list)
 
     @property
     def progress(self) -> int:
@@ -42,7 +52,8 @@ class PassResult:
         return sum(1 for r in self.results if r.outcome is Outcome.REMOVED)
 
     def failures(self) -> list[ActionResult]:
-        return [r for r in self.results if not r.outcome.done]
+        """What should have gone and did not (an object that changed since it was planned is not one)."""
+        return [r for r in self.results if not r.outcome.done and r.outcome is not Outcome.CHANGED]
 
 
 def execute(
@@ -51,9 +62,14 @@ def execute(
     store: StoreActuator,
     reporter: Reporter | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    guard: Guard | None = None,
+    batch: int | None = None,
 ) -> PassResult:
     """Run the plan in order. ``should_stop`` is asked before each action (one ctr call
-    or one directory): a shutdown finishes the action under way, not the whole pass."""
+    or one directory): a shutdown finishes the action under way, not the whole pass.
+
+    With a ``guard`` (daemon mode), snapshots go in batches of at most ``batch`` keys,
+    each confirmed by the guard right before its removal."""
     report = reporter or Reporter()
     out = PassResult()
     reasons: dict[tuple[ObjectKind, str], str] = {}
@@ -100,11 +116,24 @@ def execute(
                     block_parent(key)
                 else:
                     keys.append(key)
-            for key, result in containerd.remove_snapshots(keys).items() if keys else ():
-                record("snapshot", key, result)
-                if not result.outcome.done:
-                    failed.add(key)
-                    block_parent(key)
+            for n, part in enumerate(_batches(keys, batch if guard is not None else None)):
+                if n and should_stop():
+                    return
+                remove_batch(part)
+
+    def remove_batch(keys: list[str]) -> None:
+        started = time.monotonic()
+        held = guard.check(plan, keys) if guard is not None else {}
+        confirmed = [k for k in keys if k not in held]
+        results = {**held, **(containerd.remove_snapshots(confirmed) if confirmed else {})}
+        if guard is not None and confirmed:
+            out.recheck_windows.append(time.monotonic() - started)
+        for key in keys:
+            result = results[key]
+            record("snapshot", key, result)
+            if not result.outcome.done:
+                failed.add(key)
+                block_parent(key)
 
     def block_parent(key: str) -> None:
         parent = parent_of.get(key)
@@ -146,6 +175,14 @@ def execute(
         reasons[("cache-tmp", leftover.name)] = leftover.reason
         record("cache-tmp", leftover.name, store.remove_cache_tmp(leftover.name))
     return out
+
+
+def _batches(keys: list[str], size: int | None) -> list[list[str]]:
+    if not keys:
+        return []
+    if size is None:
+        return [keys]
+    return [keys[i : i + size] for i in range(0, len(keys), size)]
 
 
 def _with_ancestors(keys: Sequence[str], parent_of: Mapping[str, str | None]) -> set[str]:

@@ -6,7 +6,7 @@ renders it. Every action and every decision carries a reason a human can read.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
@@ -98,6 +98,13 @@ class Plan(Record):
     #: Plain maps, not a record each: a week-old store has tens of thousands of orphans.
     snapshot_reasons: dict[str, str] = Field(default_factory=dict, repr=False)
     snapshot_parents: dict[str, str | None] = Field(default_factory=dict, repr=False)
+    #: Daemon: containerd's Created of each orphan as planned. Right before a removal the
+    #: key is asked again; a different Created means it was re-created since (build ids
+    #: repeat) and it is left alone.
+    snapshot_created: dict[str, datetime] = Field(default_factory=dict, repr=False)
+    #: Daemon: owned snapshots no rule but grace keeps whose age was not read: the pass
+    #: reads their Created (only theirs) and plans again.
+    unaged: tuple[str, ...] = Field(default=(), repr=False)
     #: Orphans a leftover container uses: they (and their ancestors) go only after the
     #: containers; every other level is removed while the containers are.
     pinned: tuple[str, ...] = ()

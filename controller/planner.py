@@ -27,7 +27,7 @@ from controller.plan import (
     StoreDrift,
     TmpRemoval,
 )
-from controller.records import Container, Observation, StoreEntry, TaskStatus
+from controller.records import Container, Observation, StoreEntry, TaskStatus, container_identity
 
 _WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:|\\\\)|\\")
 _LIVE_TASK = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING, TaskStatus.CREATED})
@@ -85,9 +85,10 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         if not c.id.startswith(options.container_prefix):
             continue
         status = task_of.get(c.id, TaskStatus.ABSENT)
-        rule, reason = _judge_container(c, status, options, now, mode, history.containers_idle_since)
+        idle_since = history.containers_idle_since.get(container_identity(c))
+        rule, reason = _judge_container(c, status, options, now, mode, idle_since)
         if rule == "grace":
-            wake.append(history.containers_idle_since.get(c.id, now) + options.grace_period)
+            wake.append((idle_since or now) + options.grace_period)
         if rule == "leftover":
             removals.append(ContainerRemoval(id=c.id, task=status, reason=reason))
             leftover_containers.append(c)
@@ -146,9 +147,11 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         for key in e.snapshot_keys:
             key_to_tmp[key] = key_to_tmp[key + "-committed"] = e
         name = f"result-tmp/{e.id}"
-        if e.layerinfo_error is not None:
+        if e.layerinfo_error is not None and mode is Mode.DAEMON:
             decisions.append(_keep_unreadable(e, keep, warnings))
             continue
+        if e.layerinfo_error is not None:
+            warnings.append(f"unreadable layerinfo (removed with the keys OBuilder derives): {e.layerinfo_error}")
         live, reason = _judge_tmp(e, name in used_entries, options, now, mode)
         if live and mode is Mode.DAEMON and name not in used_entries:
             wake.append((e.changed_at or now) + options.stale_after)
@@ -185,18 +188,23 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         if s.key not in owned and s.parent in owned:
             keep.add(s.parent, "foreign-child", f"snapshot {s.key}, which we do not own, is its child")
 
-    # Rule 6: in daemon mode OBuilder prepares a snapshot before it writes layerinfo.
-    if mode is Mode.DAEMON:
-        for k in owned:
-            first = history.snapshots_first_seen.get(k)
-            if first is None or now - first < options.grace_period:
-                keep.add(k, "grace", f"first seen less than {options.grace_period} ago")
+    # Rule 5 for what is kept so far, so their ancestors are not asked their age below.
+    _keep_ancestors(keep, parent_of)
 
-    wake += [
-        history.snapshots_first_seen.get(k, now) + options.grace_period
-        for k, (rule, _) in keep.why.items()
-        if rule == "grace"
-    ]
+    # Rule 6: in daemon mode OBuilder prepares a snapshot before it writes layerinfo.
+    # Age is containerd's Created, not when we first saw the key: keys are deleted and
+    # re-created (build ids repeat), and a re-created key must get a fresh grace period.
+    unaged: list[str] = []
+    created_of = {s.key: s.created for s in cd.snapshots}
+    if mode is Mode.DAEMON:
+        for k in sorted(owned - keep.why.keys()):
+            created = created_of.get(k)
+            if created is None:
+                unaged.append(k)
+                keep.add(k, "grace", "its age is not read yet (containerd's Created); asked before removal")
+            elif now - created < options.grace_period:
+                keep.add(k, "grace", f"created {_age(now - created)} ago, less than gracePeriod {options.grace_period}")
+                wake.append(created + options.grace_period)
 
     # Rule 5: the ancestors of anything kept.
     _keep_ancestors(keep, parent_of)
@@ -236,6 +244,10 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         snapshot_levels=tuple(tuple(level) for level in levels),
         snapshot_reasons=removal_reason,
         snapshot_parents={k: parent_of[k] for level in levels for k in level},
+        snapshot_created={k: c for k, c in created_of.items() if c is not None and k in removal_reason}
+        if mode is Mode.DAEMON
+        else {},
+        unaged=tuple(unaged),
         pinned=tuple(sorted(pinned_by_containers & orphans)),
         containers_first=containers_first,
         tmp_entries=tuple(tmp_removals),
@@ -246,6 +258,10 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         warnings=tuple(warnings),
         requeue_after=max(min(wake) - now, timedelta(0)) if wake else None,
     )
+
+
+def _age(delta: timedelta) -> str:
+    return f"{delta.total_seconds():.0f} s" if delta < timedelta(minutes=2) else str(delta).split(".")[0]
 
 
 def _run_folders(c: Container) -> list[str]:
@@ -271,7 +287,7 @@ def _judge_container(
     options: PlanOptions,
     now: datetime,
     mode: Mode,
-    idle_since: dict[str, datetime],
+    since: datetime | None,
 ) -> tuple[str, str]:
     task = "no task" if status is TaskStatus.ABSENT else f"task {status.value.lower()}"
     if mode is Mode.BOOT:
@@ -284,7 +300,6 @@ def _judge_container(
         if options.max_task_age is not None and age is not None and age > options.max_task_age:
             return "leftover", f"{task} for {age}, longer than maxTaskAge {options.max_task_age}"
         return "running", f"{task}: a live build is never disturbed"
-    since = idle_since.get(c.id)
     if since is None or now - since < options.grace_period:
         return "grace", f"{task}, but for less than the grace period {options.grace_period}"
     return "leftover", f"{task} for longer than the grace period {options.grace_period}"
@@ -292,6 +307,11 @@ def _judge_container(
 
 def _judge_tmp(e: StoreEntry, used: bool, options: PlanOptions, now: datetime, mode: Mode) -> tuple[bool, str]:
     name = f"result-tmp/{e.id}"
+    if mode is Mode.BOOT and e.layerinfo_error is not None:
+        # OBuilder's own start-up recovery raises on it and the worker does not start. At
+        # boot nothing runs, so the keys are the ones OBuilder derives from the id.
+        keys = ", ".join(e.fallback_keys)
+        return False, f"boot: {name} is an interrupted build with an unreadable layerinfo (its keys: {keys})"
     if mode is Mode.BOOT:
         return False, f"boot: {name} is an interrupted build"
     if used:

@@ -16,8 +16,8 @@ from datetime import datetime
 from controller.containerd import ContainerdActuator
 from controller.ctr import Outcome
 from controller.executor import ActionResult, StoreActuator, execute
+from controller.identity import plan_with_ages
 from controller.plan import Mode, ObjectKind, Plan, PlanOptions, StoreDrift
-from controller.planner import plan as make_plan
 from controller.records import Observation, Record
 from controller.reporters import Reporter
 
@@ -82,7 +82,7 @@ def reconcile(
     started = time.perf_counter()
     report = reporter or Reporter()
     observation = observe()
-    first = current = make_plan(observation, options, now(), mode)
+    first = current = plan_with_ages(observation, options, now(), mode, containerd)
     removed: Counter[str] = Counter()
     gone: Counter[str] = Counter()
     last_failure: dict[tuple[str, str], ActionResult] = {}
@@ -105,7 +105,7 @@ def reconcile(
             else:
                 last_failure[(r.kind, r.name)] = r
         observation = observe()
-        current = make_plan(observation, options, now(), mode)
+        current = plan_with_ages(observation, options, now(), mode, containerd)
         if result.progress == 0:
             break
 

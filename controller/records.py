@@ -90,6 +90,10 @@ class Snapshot(Record):
     key: str
     parent: str | None = None
     kind: str = "Committed"
+    #: containerd's own creation time (``ctr snapshots info``): the snapshot's identity,
+    #: as keys are deleted and re-created. Read only where it decides something (daemon
+    #: mode, for snapshots a plan would remove); None when not read.
+    created: datetime | None = None
 
 
 class Container(Record):
@@ -125,13 +129,19 @@ class ContainerdState(Record):
     tasks: tuple[Task, ...] = ()
 
 
-class History(Record):
-    """What the loop remembers between passes (daemon mode): when things were first seen.
+def container_identity(c: Container) -> str:
+    """A container's id and creation time: ``obuilder-run-N`` ids repeat, so an id alone
+    would carry one container's idle time over to the next one of that name."""
+    return f"{c.id}@{c.created_at.isoformat() if c.created_at else '?'}"
 
-    Empty at boot. Keys are snapshot keys and container ids.
+
+class History(Record):
+    """What the loop remembers between passes (daemon mode): since when each container
+    has had no live task, by :func:`container_identity`.
+
+    Empty at boot. Snapshots need no memory: containerd records when each was created.
     """
 
-    snapshots_first_seen: dict[str, datetime] = {}
     containers_idle_since: dict[str, datetime] = {}
 
 

@@ -68,6 +68,15 @@ class LogReporter(Reporter):
         )
 
     def failed(self, kind: ObjectKind, name: str, result: Result) -> None:
+        if result.outcome.value == "changed":
+            log.info(
+                "left %s %s: %s",
+                kind,
+                name,
+                result.message,
+                extra={"kind": kind, "object": name, "outcome": result.outcome.value},
+            )
+            return
         log.warning(
             "could not remove %s %s (%s): %s",
             kind,

@@ -49,6 +49,10 @@ class PassStatus(Record):
     owned: dict[str, int] = Field(default_factory=dict)
     orphan_bytes: int | None = None
     reclaimed_bytes: int | None = None
+    #: Daemon: planned removals left alone because the object changed since it was planned.
+    changed: int = 0
+    #: Daemon: the longest time from a batch's last check to the end of its removal (seconds).
+    recheck_window: float | None = None
 
 
 def drift_after(plan: Plan, result: PassResult) -> dict[str, int]:
@@ -76,7 +80,7 @@ def pass_status(
     for r in result.results:
         if r.outcome is Outcome.REMOVED:
             removed[r.kind] += 1
-        elif not r.outcome.done:
+        elif not r.outcome.done and r.outcome is not Outcome.CHANGED:
             failed[r.kind] += 1
     done = {r.name for r in result.results if r.kind == "snapshot" and r.outcome.done}
     orphans = {*plan.snapshots, *plan.deferred}
@@ -96,6 +100,8 @@ def pass_status(
         },
         orphan_bytes=None if sizes is None else sum(v for k, v in sizes.items() if k in orphans and k not in done),
         reclaimed_bytes=None if sizes is None else sum(v for k, v in sizes.items() if k in done),
+        changed=sum(1 for r in result.results if r.outcome is Outcome.CHANGED),
+        recheck_window=round(max(result.recheck_windows), 4) if result.recheck_windows else None,
     )
 
 

@@ -110,6 +110,11 @@ def observe_store(root: Path, *, busy_timeout: float = 5.0) -> StoreState:
     )
 
 
+def entry_exists(root: Path, area: str, entry_id: str) -> bool:
+    """Whether ``root/area/entry_id`` exists (as anything, a link included)."""
+    return os.path.lexists(root / area / entry_id)
+
+
 def read_db(path: Path, *, busy_timeout: float = 5.0) -> tuple[DbRow, ...]:
     """All rows of ``builds``, read through a read-only connection.
 

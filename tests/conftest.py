@@ -45,6 +45,14 @@ def tmp_path() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every test on the real daemon carries the mark, so `pytest -m containerd` runs
+    # exactly those on another containerd line (make test-lines).
+    for item in items:
+        if "containerd" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.containerd)
+
+
 @pytest.fixture(scope="session")
 def containerd() -> Iterator[PrivateContainerd]:
     daemon = PrivateContainerd()
@@ -55,6 +63,16 @@ def containerd() -> Iterator[PrivateContainerd]:
         if os.environ.get("CI"):
             pytest.fail(f"CI is set, so a real containerd is required: {e}")
         pytest.skip(f"no real containerd here ({e}); CI would fail instead of skipping")
+    # make test-lines puts another line's binaries first on PATH and says which: a
+    # PATH that does not reach them must not pass for a run on that line.
+    wanted = os.environ.get("OBR_CONTAINERD_BIN")
+    found = shutil.which("containerd") or ""
+    if wanted and (
+        Path(found).parent.resolve() != Path(wanted).resolve() or shutil.which("ctr") != str(Path(found).parent / "ctr")
+    ):
+        daemon.stop()
+        pytest.fail(f"OBR_CONTAINERD_BIN={wanted}, but containerd and ctr on PATH are {found}, {shutil.which('ctr')}")
+    _measurements.append(f"containerd {daemon.version} ({found})")
     try:
         yield daemon
     finally:

@@ -22,6 +22,7 @@ from controller.records import (
     StoreState,
     Task,
     TaskStatus,
+    container_identity,
 )
 from tests.support.fake import FakeContainerd, FakeStore
 
@@ -70,15 +71,16 @@ def worlds(draw: st.DrawFn) -> tuple[Observation, PlanOptions, Mode]:
         if status is not TaskStatus.ABSENT:
             tasks.append(Task(id=cid, status=status))
     old, new = NOW - timedelta(days=1), NOW - timedelta(seconds=5)
+    # containerd's Created; None: not read yet (the daemon reads it before removing).
+    created = {k: draw(st.sampled_from([old, new, None])) for k in owned}
     history = History(
-        snapshots_first_seen={k: draw(st.sampled_from([old, new])) for k in owned},
-        containers_idle_since={c.id: draw(st.sampled_from([old, new])) for c in containers},
+        containers_idle_since={container_identity(c): draw(st.sampled_from([old, new])) for c in containers},
     )
     protect = tuple(draw(st.lists(st.sampled_from(["obuilder-base-*", "obuilder-s1*", "nothing-*"]), max_size=2)))
     observation = Observation(
         store=StoreState(root="/store", results=tuple(results), tmp=tuple(tmp)),
         containerd=ContainerdState(
-            snapshots=tuple(Snapshot(key=k, parent=p) for k, p in parents.items()),
+            snapshots=tuple(Snapshot(key=k, parent=p, created=created.get(k)) for k, p in parents.items()),
             containers=tuple(containers),
             tasks=tuple(tasks),
         ),
@@ -91,11 +93,14 @@ def must_keep(obs: Observation, options: PlanOptions, mode: Mode) -> set[str]:
     """Kept for reasons simple enough to state here, with every ancestor of them."""
     parents = {s.key: s.parent for s in obs.containerd.snapshots}
     owned = {k for k in parents if k.startswith(options.snapshot_prefix)}
+    grace = options.grace_period
     roots = {e.layerinfo.snapshot_key + "-committed" for e in obs.store.results if e.layerinfo}
     roots |= {k for k in owned for g in options.protect_keys if fnmatchcase(k, g)}
     roots |= {p for k, p in parents.items() if k not in owned and p is not None}
-    roots |= {"obuilder-broken", "obuilder-broken-committed"}
     if mode is Mode.DAEMON:
+        # Beside a live worker an unreadable layerinfo may be one being written.
+        roots |= {"obuilder-broken", "obuilder-broken-committed"}
+        roots |= {s.key for s in obs.containerd.snapshots if s.key in owned and (s.created or NOW) > NOW - grace}
         running = {t.id for t in obs.containerd.tasks if t.status is TaskStatus.RUNNING}
         roots |= {c.snapshot_key for c in obs.containerd.containers if c.id in running and c.snapshot_key}
         roots |= {e.layerinfo.snapshot_key for e in obs.store.tmp if e.layerinfo and e.changed_at == NOW}
@@ -119,8 +124,9 @@ def test_never_plans_a_kept_snapshot_an_ancestor_of_one_or_a_foreign_object(
     assert not removed & must_keep(obs, options, mode)
     assert all(k.startswith("obuilder-") for k in removed)
     assert all(c.id.startswith("obuilder-run-") for c in p.containers)
-    assert "broken" not in {t.id for t in p.tmp_entries}, "an unreadable layerinfo is never acted on"
     if mode is Mode.DAEMON:
+        assert "broken" not in {t.id for t in p.tmp_entries}, "beside a worker, an unreadable layerinfo stays"
+        assert not removed & set(p.unaged), "a snapshot whose age is unknown is never removed"
         running = {t.id for t in obs.containerd.tasks if t.status is TaskStatus.RUNNING}
         assert not running & {c.id for c in p.containers}, "a live build is never disturbed"
 
@@ -143,7 +149,12 @@ def test_running_the_plan_against_containerd_rules_converges(world: tuple[Observ
     obs, options, mode = world
     fake = FakeContainerd.from_state(obs.containerd)
     store = FakeStore(obs.store)
-    keep = must_keep(obs, options, mode)
+    # What the fake answers when asked a snapshot's age: a Created not drawn is long ago.
+    asked = fake.snapshot_created(list(fake.parents))
+    snapshots = tuple(s.model_copy(update={"created": asked[s.key]}) for s in obs.containerd.snapshots)
+    keep = must_keep(
+        obs.model_copy(update={"containerd": obs.containerd.model_copy(update={"snapshots": snapshots})}), options, mode
+    )
 
     def observe() -> Observation:
         return Observation(store=store.observe(), containerd=fake.observe(), history=obs.history)

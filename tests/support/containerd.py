@@ -10,6 +10,7 @@ under the folder and removes the folder, even after a failed test.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -156,12 +157,22 @@ class PrivateContainerd:
             raise RuntimeError(f"ctr {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
+    @functools.cached_property
+    def version(self) -> str:
+        """The daemon's version, from ``containerd --version`` (the binary first on PATH)."""
+        out = subprocess.run(["containerd", "--version"], capture_output=True, text=True, check=True).stdout
+        # "containerd github.com/containerd/containerd/v2 2.1.9+unknown" or "... 1.6.20~ds1 1.6.20~ds1-1+deb12u3"
+        return out.split()[2]
+
     def import_image(self, namespace: str) -> str:
         """Import the busybox image into a namespace; returns its layer's snapshot key."""
         archive = self.base / "busybox.tar"
         if not archive.exists():
             write_oci_archive(archive)
-        self.ctr("images", "import", "--snapshotter", SNAPSHOTTER, str(archive), namespace=namespace)
+        # 2.x imports through its transfer service, which unpacks only with --local
+        # when no unpack platform is configured; 1.6 does not know the flag.
+        local = ["--local"] if int(self.version.split(".")[0]) >= 2 else []
+        self.ctr("images", "import", *local, "--snapshotter", SNAPSHOTTER, str(archive), namespace=namespace)
         keys = [k for k in self.snapshot_keys(namespace) if k.startswith("sha256:")]
         assert len(keys) == 1, keys
         return keys[0]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from controller.ctr import Outcome, Result
 from controller.records import Container, ContainerdState, Snapshot, StoreState, Task, TaskStatus
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -23,6 +26,8 @@ class FakeContainerd:
     calls: int = 0
     #: Keys containerd refuses "with child" although none is listed (the known bug).
     phantom_children: set[str] = field(default_factory=set)
+    #: containerd's Created of each snapshot (``snapshots info``); a key without one reads as epoch 0.
+    created: dict[str, datetime] = field(default_factory=dict)
 
     @classmethod
     def from_state(cls, state: ContainerdState) -> FakeContainerd:
@@ -30,14 +35,25 @@ class FakeContainerd:
             parents={s.key: s.parent for s in state.snapshots},
             containers={c.id: c for c in state.containers},
             tasks={t.id: t.status for t in state.tasks},
+            created={s.key: s.created for s in state.snapshots if s.created is not None},
         )
 
     def observe(self) -> ContainerdState:
+        # Like `ctr snapshots ls`: no creation times; `snapshot_created` reads them.
         return ContainerdState(
             snapshots=tuple(Snapshot(key=k, parent=p) for k, p in self.parents.items()),
             containers=tuple(self.containers.values()),
             tasks=tuple(Task(id=i, status=s) for i, s in self.tasks.items()),
         )
+
+    def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
+        self.calls += len(keys)
+        return {k: self.created.get(k, _EPOCH) if k in self.parents else None for k in keys}
+
+    def recreate(self, key: str, parent: str | None, when: datetime) -> None:
+        """OBuilder's ``snapshot rm KEY`` then ``snapshot prepare KEY PARENT``: same key, new snapshot."""
+        self.parents[key] = parent
+        self.created[key] = when
 
     def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]:
         self.calls += 1
@@ -75,6 +91,7 @@ class FakeContainerd:
                     out[key] = Result(Outcome.HAS_CHILD, "cannot remove snapshot with child: failed precondition")
                 else:
                     del self.parents[key]
+                    self.created.pop(key, None)
                     out[key] = Result(Outcome.REMOVED)
                     continue
                 pending = pending[n + 1 :]
