@@ -125,7 +125,8 @@ def test_daemon_never_disturbs_a_live_build_and_reclaims_every_leak(
     changed = sum(int(n) for n in re.findall(r"(\d+) changed since planned", log))
     measure(
         f"soak on containerd {containerd.version}: {time.monotonic() - started:.0f} s, {stats.line()}; "
-        f"{len(times)} reclaimed (by the daemon, or by the worker re-using the id), time to reclaim median {times[len(times) // 2] if times else 0:.1f} s, "
+        f"{len(times)} reclaimed (by the daemon, or by the worker re-using the id), "
+        f"time to reclaim median {times[len(times) // 2] if times else 0:.1f} s, "
         f"max {times[-1] if times else 0:.1f} s (bound {bound:g} s); {passes} daemon passes, {changed} planned "
         f"removals dropped as changed, re-check window max {max(windows, default=0):.0f} ms "
         f"over {len(windows)} passes that removed snapshots"
