@@ -22,10 +22,12 @@ from controller.errors import (
     StoreReadError,
     StoreSanityError,
     UsageError,
+    WorkerRunningError,
 )
+from controller.identity import plan_with_ages
 from controller.lock import StoreLock
 from controller.plan import Mode, ObjectKind, Plan, PlanOptions
-from controller.planner import plan as make_plan
+from controller.policy import parse_duration
 from controller.reconciler import Summary, reconcile
 from controller.records import Observation
 from controller.report import render_explain, render_plan, render_summary, to_json
@@ -87,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ctr", metavar="PATH", help=f"the ctr executable (default: {platform.DEFAULT_CTR})")
     p.add_argument(
+        "--wait-for-containerd",
+        metavar="DURATION",
+        help="wait up to DURATION (30s, 5m) for containerd to answer before the first pass, for a boot step "
+        "that may start before containerd (policy: spec.containerd.waitFor; default: do not wait)",
+    )
+    p.add_argument(
         "--force", action="store_true", help="allow --once boot semantics while a worker process appears to be running"
     )
     p.add_argument(
@@ -118,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    wait = None
+    if args.wait_for_containerd is not None:
+        try:
+            wait = parse_duration(args.wait_for_containerd)
+        except ValueError as e:
+            raise UsageError(f"--wait-for-containerd: {e}") from e
     overrides = Overrides(
+        wait_for_containerd=wait,
         store=args.store,
         address=args.address,
         namespace=args.namespace,
@@ -155,22 +170,34 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
 
     def observe() -> Observation:
-        return Observation(store=observe_store(settings.store), containerd=containerd.observe())
+        # containerd first, as the daemon does: what starts after the listing is not in it.
+        state = containerd.observe()
+        return Observation(store=observe_store(settings.store), containerd=state)
 
     def now() -> datetime:
         return datetime.now(UTC)
 
-    if args.explain:
-        return explain(args.explain, observe(), options, now(), mode)
-    if not args.once:
-        return run_daemon(args, env, settings)
-    if not args.force:
+    def no_worker_running() -> None:
+        # Asked before every pass, not only the first: a worker that starts meanwhile makes
+        # boot semantics wrong (its containers and result-tmp/ entries are live).
         running = platform.find_running(settings.worker_names)
         if running:
-            raise UsageError(
+            raise WorkerRunningError(
                 f"a worker appears to be running ({', '.join(running)}): --once assumes every "
                 "obuilder-run-* container and result-tmp/ entry is dead; stop the worker or pass --force"
             )
+
+    wait = settings.wait_for_containerd.total_seconds()
+    if wait > 0:
+        configure_logging(args.log_format)
+        logging.getLogger("reconcile").info("waiting up to %gs for containerd at %s", wait, settings.ctr.address)
+        ctr.wait_until_up(wait)
+    if args.explain:
+        return explain(args.explain, observe(), options, now(), mode, containerd)
+    if not args.once:
+        return run_daemon(args, env, settings)
+    if not args.force:
+        no_worker_running()
 
     def go() -> int:
         configure_logging(args.log_format)
@@ -192,6 +219,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             dry_run=args.dry_run,
             reporter=Reporters(*reporters),
             ctr_calls=lambda: ctr.calls,
+            before_pass=None if args.force else no_worker_running,
         )
         if progress is not None:
             progress.close()
@@ -297,8 +325,10 @@ def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Setti
                 endpoints.stop()
 
 
-def explain(name: str, observation: Observation, options: PlanOptions, now: datetime, mode: Mode) -> int:
-    plan = make_plan(observation, options, now, mode)
+def explain(
+    name: str, observation: Observation, options: PlanOptions, now: datetime, mode: Mode, containerd: CtrContainerd
+) -> int:
+    plan = plan_with_ages(observation, options, now, mode, containerd)
     decisions = plan.decision_for(name)
     present = (
         any(s.key == name for s in observation.containerd.snapshots)
@@ -307,7 +337,11 @@ def explain(name: str, observation: Observation, options: PlanOptions, now: date
     note = (
         "(boot semantics: --once assumes the worker is not running)"
         if mode is Mode.BOOT
-        else "(daemon semantics; pass --once for what a boot run would do)"
+        else (
+            "(daemon semantics; pass --once for what a boot run would do. A snapshot's age is containerd's "
+            "Created; a stopped container's grace period runs from when the daemon first saw it stopped, which "
+            "this one-off look cannot know, so it counts from now)"
+        )
     )
     print(render_explain(name, decisions, present=present, mode_note=note))
     return EXIT_OK if decisions or present else EXIT_NOT_CONVERGED

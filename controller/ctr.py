@@ -16,6 +16,7 @@ import json
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -107,6 +108,31 @@ class Ctr:
         if proc.returncode != 0:
             raise CtrError([self.settings.ctr, *args], proc.returncode, proc.stderr)
         return proc.stdout
+
+    def wait_until_up(
+        self,
+        timeout: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> int:
+        """Ask ``ctr version`` until containerd answers or ``timeout`` seconds pass.
+
+        Returns how many times it asked; a containerd still not answering is a :class:`CtrError`
+        with its last message."""
+        deadline = clock() + timeout
+        asked = 0
+        while True:
+            # ctr's own dial otherwise waits 10 s for a socket or pipe that is not there yet.
+            dial = max(1, min(5, round(deadline - clock())))
+            proc = self.run(["--connect-timeout", f"{dial}s", "version"])
+            asked += 1
+            if proc.returncode == 0:
+                return asked
+            if clock() >= deadline:
+                stderr = f"{proc.stderr.strip()} (containerd did not answer within {timeout:g}s)"
+                raise CtrError([self.settings.ctr, "version"], proc.returncode, stderr)
+            sleep(min(1.0, max(0.0, deadline - clock())))
 
     # -- observing -----------------------------------------------------------------
 

@@ -15,6 +15,10 @@ class UsageError(ReconcileError):
     """Raised when the command line or settings are inconsistent (exit 2)."""
 
 
+class WorkerRunningError(UsageError):
+    """Raised when ``--once`` finds a worker process running (exit 2): boot semantics would be wrong."""
+
+
 class PolicyError(ReconcileError):
     """Raised when a policy file does not parse or validate; the message names file, line, column and field."""
 

@@ -100,7 +100,7 @@ def execute(
     # Snapshots go leaves first. A parent whose child failed this pass would only fail
     # too (and cut the batch short), so it waits for the next pass.
     failed: set[str] = set()
-    blocked: dict[str, str] = {}
+    blocked: dict[str, tuple[str, Outcome]] = {}
     parent_of = plan.snapshot_parents
 
     def remove_levels(levels: Sequence[Sequence[str]]) -> None:
@@ -111,9 +111,16 @@ def execute(
             for key in level:
                 reasons[("snapshot", key)] = plan.snapshot_reasons.get(key, "")
                 if key in blocked:
-                    record("snapshot", key, Result(Outcome.NOT_TRIED, f"waiting for its child {blocked[key]}"))
+                    child, outcome = blocked[key]
+                    # A child re-created under us is a live build's: its parent is not stuck, it changed.
+                    why = (
+                        f"its child {child} changed since planned"
+                        if outcome is Outcome.CHANGED
+                        else f"waiting for its child {child}"
+                    )
+                    record("snapshot", key, Result(outcome, why))
                     failed.add(key)
-                    block_parent(key)
+                    block_parent(key, outcome)
                 else:
                     keys.append(key)
             for n, part in enumerate(_batches(keys, batch if guard is not None else None)):
@@ -133,12 +140,12 @@ def execute(
             record("snapshot", key, result)
             if not result.outcome.done:
                 failed.add(key)
-                block_parent(key)
+                block_parent(key, Outcome.CHANGED if result.outcome is Outcome.CHANGED else Outcome.NOT_TRIED)
 
-    def block_parent(key: str) -> None:
+    def block_parent(key: str, outcome: Outcome) -> None:
         parent = parent_of.get(key)
         if parent is not None:
-            blocked[parent] = key
+            blocked[parent] = (key, outcome)
 
     # 1 and 2. Leftover containers, and meanwhile every orphan level no container uses:
     #    the containers pin only what they run on (and its ancestors), which waits.

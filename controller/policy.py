@@ -107,6 +107,9 @@ class ContainerdSpec(_Model):
     """The ctr executable. Default: `ctr.exe` on Windows, `ctr` elsewhere."""
     call_timeout: Duration = timedelta(seconds=60)
     """Longest one ctr call may take before it is killed and the pass fails."""
+    wait_for: Duration = timedelta(0)
+    """How long to wait for containerd to answer before the first pass, for a boot step that may start
+    before containerd does. `0s`: do not wait. `--wait-for-containerd` overrides."""
 
 
 class OwnershipSpec(_Model):
@@ -126,7 +129,8 @@ class ProtectSpec(_Model):
 
 class TimingSpec(_Model):
     grace_period: Duration = timedelta(minutes=10)
-    """Daemon: a new snapshot, or a container whose task stopped, is left alone this long."""
+    """Daemon: a snapshot containerd created less than this ago (its `Created`, not its name: keys are
+    re-created), or a container whose task stopped less than this ago, is left alone."""
     stale_after: Duration = timedelta(hours=6)
     """Daemon: a `result-tmp/` entry that nothing uses and that has not changed for this long is stale."""
     interval: Duration = timedelta(minutes=5)

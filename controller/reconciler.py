@@ -77,8 +77,11 @@ def reconcile(
     dry_run: bool = False,
     reporter: Reporter | None = None,
     ctr_calls: Callable[[], int] | None = None,
+    before_pass: Callable[[], None] | None = None,
 ) -> tuple[Summary, Plan]:
-    """Run to convergence (or plan only, with ``dry_run``). Returns the summary and the first plan."""
+    """Run to convergence (or plan only, with ``dry_run``). Returns the summary and the first plan.
+
+    ``before_pass`` is called before each pass acts; whatever it raises ends the run."""
     started = time.perf_counter()
     report = reporter or Reporter()
     observation = observe()
@@ -92,6 +95,8 @@ def reconcile(
         if passes >= max_passes:
             limit_hit = True
             break
+        if before_pass is not None:
+            before_pass()
         passes += 1
         report.pass_started(passes, current)
         result = execute(current, containerd, store, report)

@@ -31,6 +31,7 @@ class Overrides:
     max_passes: int | None = None
     metrics_address: str | None = None
     status_file: str | None = None
+    wait_for_containerd: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Settings:
     #: None: no HTTP endpoints.
     metrics_address: str | None = None
     measure_bytes: bool = False
+    #: How long to wait for containerd before the first pass (zero: not at all).
+    wait_for_containerd: timedelta = timedelta(0)
     #: Set by resolve(): the policy's, the flag's, or the store's own default.
     status_path: Path = field(default=Path(), kw_only=True)
 
@@ -101,5 +104,8 @@ def resolve(overrides: Overrides, policy_path: str | None, env: Mapping[str, str
         policy_path=Path(policy_path) if policy_path else None,
         metrics_address=None if metrics == "off" else metrics,
         measure_bytes=spec.metrics.measure_bytes,
+        wait_for_containerd=(
+            overrides.wait_for_containerd if overrides.wait_for_containerd is not None else c.wait_for
+        ),
         status_path=Path(overrides.status_file or spec.status.path or Path(store).joinpath(*STATE_DIR, "status.json")),
     )

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from controller.cli import build_parser, resolve_settings
+from controller.cli import main as cli_main
+from controller.ctr import Outcome, Result
+from controller.errors import WorkerRunningError
 from controller.plan import Mode, PlanOptions
 from controller.reconciler import reconcile
 from controller.records import ContainerdState, Observation, Snapshot, StoreState
@@ -125,3 +132,92 @@ def test_dry_run_exits_0_on_a_clean_store_and_3_on_drift(
     drift = reconcile_on(containerd, namespace, world.root, "--once", "--dry-run")
     assert drift.code == 3 and "remove container obuilder-run-1" in drift.stdout
     assert containerd.container_ids(namespace) == ["obuilder-run-1"]
+
+
+def test_a_worker_that_starts_during_once_stops_it_before_the_next_pass() -> None:
+    class FlakyOnce(FakeContainerd):
+        """Refuses the first removal of one key, so a second pass is needed."""
+
+        refused = False
+
+        def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
+            if "obuilder-b" in keys and not self.refused:
+                self.refused = True
+                rest = [k for k in keys if k != "obuilder-b"]
+                return {**super().remove_snapshots(rest), "obuilder-b": Result(Outcome.FAILED, "transient")}
+            return super().remove_snapshots(keys)
+
+    fake = FlakyOnce(parents={"obuilder-a": None, "obuilder-b": None})
+    store = FakeStore(StoreState(root="/s"))
+    looks: list[int] = []
+
+    def no_worker_running() -> None:
+        looks.append(1)
+        if len(looks) > 1:
+            raise WorkerRunningError("a worker appears to be running (ocluster-worker)")
+
+    def observe() -> Observation:
+        return Observation(store=store.observe(), containerd=fake.observe())
+
+    with pytest.raises(WorkerRunningError):
+        reconcile(observe, PlanOptions(), Mode.BOOT, fake, store, now=lambda: NOW, before_pass=no_worker_running)
+    assert len(looks) == 2 and "obuilder-b" in fake.parents, "the second pass never acted"
+
+
+def test_a_worker_that_appears_is_exit_2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    monkeypatch.setattr("controller.platform.find_running", lambda names: ["ocluster-worker (pid 4242)"])
+    assert cli_main(["--once", "--store", str(root), "--address", str(tmp_path / "none.sock")]) == 2
+
+
+@pytest.mark.containerd
+def test_wait_for_containerd_lets_a_boot_step_start_before_containerd(tmp_path: Path) -> None:
+    own = PrivateContainerd().start()
+    try:
+        w = World(own, "late", tmp_path / "store")
+        leaked = w.orphan_chain(w.base("b:1"), "o", 2)
+        own._stop_daemon()
+        argv = ["--once", "--store", str(w.root), "--address", own.address, "--namespace", "late"]
+        argv += ["--snapshotter", "native", "--wait-for-containerd", "60s"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "controller", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        time.sleep(2.5)  # containerd comes up a moment after the boot step started
+        assert proc.poll() is None, "it gave up instead of waiting"
+        own.start()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        assert b"waiting up to 60s for containerd" in err
+        assert not set(leaked) & set(own.snapshot_keys("late"))
+        unreachable = run_cli(*argv[:-1], "1s", "--address", str(tmp_path / "never.sock"))
+        assert unreachable.code == 1 and "did not answer within 1s" in unreachable.stderr
+    finally:
+        own.stop()
+
+
+@pytest.mark.containerd
+def test_explain_beside_a_worker_dates_snapshots_by_containerd_not_by_history(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path
+) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: x}\n"
+        f"spec:\n  containerd: {{namespace: {namespace}, snapshotter: native}}\n  timing: {{gracePeriod: 2s}}\n"
+    )
+    base = world.base("b:1")
+    (old,) = world.orphan_chain(base, "old", 1)
+    time.sleep(2.2)
+    (young,) = world.orphan_chain(base, "young", 1)
+
+    def explain(name: str) -> str:
+        out = run_cli(
+            "--policy", str(policy), "--store", str(world.root), "--address", containerd.address, "--explain", name
+        )
+        assert out.code == 0, out.stderr
+        return out.stdout
+
+    assert f"snapshot {old}: would be removed [rule: orphan]" in explain(old)
+    said = explain(young)
+    assert "kept [rule: grace]: created" in said and "less than gracePeriod" in said
+    assert "containerd's Created" in said
+    assert {old, young} <= set(containerd.snapshot_keys(namespace)), "--explain changed something"

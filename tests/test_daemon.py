@@ -367,3 +367,21 @@ def test_orphans_no_container_uses_go_while_containers_are_removed_and_the_rest_
     assert order.index("obuilder-free") < order.index("containers") < order.index("obuilder-used")
     assert order.index("obuilder-used") < order.index("obuilder-used-committed")
     assert fake.parents == {}
+
+
+def test_a_reload_that_moves_the_store_is_refused_and_the_old_policy_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = resolve(Overrides(store=str(create_store(tmp_path / "a"))), None, {})
+    moved = resolve(Overrides(store=str(create_store(tmp_path / "b"))), None, {})
+    loads = iter([first, moved])
+    daemon = Daemon(load=lambda: next(loads))
+
+    async def reload() -> None:
+        daemon._wake = anyio.Event()
+        daemon._reload("SIGHUP")
+
+    with caplog.at_level("ERROR", logger="reconcile"):
+        anyio.run(reload)
+    assert daemon.settings is first
+    assert "refused" in caplog.text and "moves the store" in caplog.text and str(tmp_path / "b") in caplog.text
