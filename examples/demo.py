@@ -1,14 +1,19 @@
 """`make demo`: the incident of DESIGN.md and its repair, on a private containerd.
 
 It starts containerd under ./demo-run/ (git-ignored), builds a wedged OBuilder
-store the way the leak happens, shows the plan (--dry-run), repairs it
-(--once), shows the converged state, runs again to show it is a no-op, and
-stops containerd, leaving no process behind.
+store the way the leak happened before OBuilder's fix (the backlog a worker
+carries), shows the plan (--dry-run), repairs it (--once), shows the converged
+state and that a second run is a no-op. Then it runs the daemon beside a worker
+that behaves like OBuilder's today (ids that repeat, retries, prunes, crashes and
+OBuilder's own recovery), shows what that worker still leaks and that the daemon
+reclaims it without failing one of its operations, and stops containerd, leaving
+no process behind.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -21,7 +26,9 @@ sys.path.insert(0, str(REPO))
 
 from controller.planner import base_image_key  # noqa: E402
 from tests.support.containerd import ContainerdUnavailable, PrivateContainerd  # noqa: E402
+from tests.support.daemon import DaemonProcess  # noqa: E402
 from tests.support.incident import wedge  # noqa: E402
+from tests.support.obuilder_worker import LeakMonitor, ObuilderWorker  # noqa: E402
 from tests.support.world import World  # noqa: E402
 
 NS = "default"
@@ -79,15 +86,15 @@ def main() -> int:
         root = RUN_DIR / "store"
         world = World(cd, NS, root)
 
-        say("Building a wedged worker, the way the leak happens")
+        say("Building a wedged worker, the way the leak happened before OBuilder's fix")
         print(
             "   OBuilder builds steps as containerd snapshots (obuilder-ID, committed as obuilder-ID-committed)\n"
-            "   and runs each step as `ctr run --rm` (container obuilder-run-N). Here, as on the workers:\n"
-            "   - builds are cancelled: the ctr client is SIGKILLed, --rm never runs, the container stays\n"
-            "     and pins its snapshot (some tasks still running, some stopped);\n"
-            "   - OBuilder's prune then fails to remove the snapshot but drops the DB row and result/ dir:\n"
+            "   and runs each step as `ctr run --rm` (container obuilder-run-N). Before its fix, as on the workers:\n"
+            "   - builds were cancelled: the ctr client was SIGKILLed, --rm never ran, the container stayed\n"
+            "     on its layers (some tasks still running, some stopped);\n"
+            "   - OBuilder's delete then failed to remove the snapshot but dropped the DB row and result/ dir:\n"
             "     chains of obuilder-*-committed snapshots nobody knows about (an orphan base among them);\n"
-            "   - the worker dies mid-build: result-tmp/ entries and cache-tmp/ leftovers;\n"
+            "   - the worker died mid-build: result-tmp/ entries and cache-tmp/ leftovers;\n"
             "   - and things that are not ours: a buildkit container and snapshot, another namespace."
         )
         inc = wedge(world, cd)
@@ -125,7 +132,9 @@ def main() -> int:
         say("4. A second run finds nothing to do")
         code2 = reconcile(cd, root, "--once")
         print(f"   exit code {code2}")
-        return 0 if code == code2 == 0 and same and kept else 1
+
+        live_ok = beside_a_live_worker(cd)
+        return 0 if code == code2 == 0 and same and kept and live_ok else 1
     except ContainerdUnavailable as e:
         print(
             f"demo: {e}\n      (make demo needs root and Debian's containerd, runc and busybox-static)", file=sys.stderr
@@ -136,6 +145,59 @@ def main() -> int:
         cd.stop()
         leftovers = [p for p in _processes() if str(RUN_DIR) in p]
         print(f"   processes left behind: {len(leftovers)}; demo took {time.perf_counter() - started:.1f} s")
+
+
+def beside_a_live_worker(cd: PrivateContainerd, seconds: float = 20) -> bool:
+    say(f"5. The daemon beside a worker that behaves like OBuilder's today, for {seconds:g} s")
+    print(
+        "   OBuilder now deletes its task and container on every exit path and removes its snapshot on error.\n"
+        "   What still leaks: a removal that fails (on Windows, a layer still held), a -committed whose removal\n"
+        "   failed because it had children (the prune drops the row and the directory anyway), a crash's\n"
+        "   snapshot without a layerinfo, a failed base fetch's snapshot. And build ids are content hashes:\n"
+        "   a cancelled build is retried under the same id, a pruned result is rebuilt under it, the health\n"
+        "   check builds and deletes the same step: a snapshot's key is deleted and re-created. So the daemon\n"
+        "   dates a snapshot by containerd's Created, not by its name, and asks again right before removing it."
+    )
+    world = World(cd, "live", RUN_DIR / "live-store")
+    policy = RUN_DIR / "live-policy.yaml"
+    policy.write_text(
+        "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: live}\nspec:\n"
+        "  containerd: {namespace: live, snapshotter: native}\n"
+        "  timing: {gracePeriod: 3s, staleAfter: 10s, interval: 5s}\n  metrics: {enabled: false}\n"
+    )
+    print(f"$ reconcile --policy {policy.relative_to(REPO)} --store ... (grace 3 s, beside the worker)")
+    daemon = DaemonProcess(cd, world.root, policy, RUN_DIR / "live-daemon.log")
+    try:
+        daemon.wait_for(r"pass 1 ")
+        worker = ObuilderWorker(world, seed=11)
+        monitor = LeakMonitor(worker)
+        monitor.start()
+        stats = worker.soak(seconds)
+        deadline = time.monotonic() + 25
+        while monitor.pending() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        monitor.done.set()
+        monitor.join()
+    finally:
+        daemon.stop()
+    log = daemon.text()
+    removed = sum(int(n) for n in re.findall(r"pass \d+ \([^)]*\): (\d+) removed", log))
+    changed = sum(int(n) for n in re.findall(r"(\d+) changed since planned", log))
+    times = sorted(leak.reclaimed - leak.made for leak in stats.leaks if leak.reclaimed is not None)
+    passes = len(re.findall(r"pass \d+ ", log))
+    print(f"   the worker: {stats.line()}")
+    print(
+        f"   the daemon: {passes} passes, {removed} objects removed, "
+        f"{changed} planned removals dropped because the object changed since it was planned"
+    )
+    print(
+        f"   leaks reclaimed: {len(times)} of {len(stats.leaks)}"
+        + (f", in {times[len(times) // 2]:.1f} s (median), {times[-1]:.1f} s at most" if times else "")
+    )
+    print(f"   worker operations that failed: {len(stats.failures)}")
+    for failure in stats.failures:
+        print(f"     {failure}")
+    return not stats.failures and not monitor.pending()
 
 
 def _processes() -> list[str]:

@@ -347,7 +347,7 @@ class ObuilderWorker:
             if crash:
                 # The worker dies, and its ctr client with it: the container and its task stay.
                 client.send_signal(signal.SIGKILL)
-                client.wait()
+                client.communicate()
                 return "crashed"
             if cancel:
                 self.ctr("tasks", "kill", "--signal", "SIGKILL", "--", container)  # ignored
