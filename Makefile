@@ -60,9 +60,9 @@ bench: system-deps setup
 bench-daemon: setup
 	$(BIN)/python bench/daemon_bench.py
 
-# The CRD and the README's policy reference are generated from controller/policy.py.
+# The CRD and the README's policy reference are generated from controller/config/policy.py.
 crds: setup
-	$(BIN)/python -m controller.crd
+	$(BIN)/python -m controller.config.crd
 
 clean:
 	rm -rf $(VENV) demo-run .cache .pytest_cache .mypy_cache .ruff_cache

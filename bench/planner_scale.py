@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.plan import Mode, PlanOptions
-from controller.planner import plan
-from controller.records import (
+from controller.core.planner import plan
+from controller.model.plan import Mode, PlanOptions
+from controller.model.records import (
     ContainerdState,
     DbRow,
     LayerInfo,

@@ -10,10 +10,19 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controller import __version__, platform
-from controller.containerd import CtrContainerd
-from controller.ctr import Ctr, Outcome
-from controller.errors import (
+from controller import __version__
+from controller.adapters import platform
+from controller.adapters.containerd import CtrContainerd
+from controller.adapters.ctr import Ctr, Outcome
+from controller.adapters.lock import StoreLock
+from controller.adapters.logs import LogReporter, ProgressReporter, Reporter, Reporters, configure_logging
+from controller.adapters.status import PassStatus, StatusFile, write_status
+from controller.adapters.store import check_store, observe_store
+from controller.adapters.store_cleanup import StoreCleaner
+from controller.config.policy import parse_duration
+from controller.config.settings import Overrides, Settings, resolve
+from controller.core.identity import plan_with_ages
+from controller.model.errors import (
     CtrError,
     CtrNotFoundError,
     LockedError,
@@ -24,18 +33,10 @@ from controller.errors import (
     UsageError,
     WorkerRunningError,
 )
-from controller.identity import plan_with_ages
-from controller.lock import StoreLock
-from controller.plan import Mode, ObjectKind, Plan, PlanOptions
-from controller.policy import parse_duration
+from controller.model.plan import Mode, ObjectKind, Plan, PlanOptions
+from controller.model.records import Observation
 from controller.reconciler import Summary, reconcile
-from controller.records import Observation
 from controller.report import render_explain, render_plan, render_summary, to_json
-from controller.reporters import LogReporter, ProgressReporter, Reporter, Reporters, configure_logging
-from controller.settings import Overrides, Settings, resolve
-from controller.status import PassStatus, StatusFile, write_status
-from controller.store import check_store, observe_store
-from controller.store_cleanup import StoreCleaner
 
 EXIT_OK, EXIT_NOT_CONVERGED, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
 
@@ -305,8 +306,8 @@ def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Setti
         raise UsageError("--dry-run and --json go with --once (or --explain); the daemon logs each pass")
     import anyio
 
+    from controller.adapters.metrics import Endpoints, Metrics
     from controller.daemon import Daemon
-    from controller.metrics import Endpoints, Metrics
 
     configure_logging(args.log_format)
     metrics = Metrics()

@@ -23,19 +23,19 @@ from datetime import UTC, datetime
 import anyio
 from watchfiles import awatch
 
-from controller import platform
-from controller.containerd import CtrContainerd
-from controller.ctr import Ctr
-from controller.errors import CtrError, ReconcileError
-from controller.executor import execute
-from controller.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
-from controller.plan import Mode, Plan
-from controller.records import ContainerdState, History, Observation, TaskStatus, container_identity
-from controller.reporters import Reporter
-from controller.settings import Settings
-from controller.status import PassStatus, pass_status
-from controller.store import entry_exists, observe_store
-from controller.store_cleanup import StoreCleaner
+from controller.adapters import platform
+from controller.adapters.containerd import CtrContainerd
+from controller.adapters.ctr import Ctr
+from controller.adapters.logs import Reporter
+from controller.adapters.status import PassStatus, pass_status
+from controller.adapters.store import entry_exists, observe_store
+from controller.adapters.store_cleanup import StoreCleaner
+from controller.config.settings import Settings
+from controller.core.executor import execute
+from controller.core.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
+from controller.model.errors import CtrError, ReconcileError
+from controller.model.plan import Mode, Plan
+from controller.model.records import ContainerdState, History, Observation, TaskStatus, container_identity
 
 log = logging.getLogger("reconcile")
 

@@ -13,13 +13,13 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 
-from controller.containerd import ContainerdActuator
-from controller.ctr import Outcome
-from controller.executor import ActionResult, StoreActuator, execute
-from controller.identity import plan_with_ages
-from controller.plan import Mode, ObjectKind, Plan, PlanOptions, StoreDrift
-from controller.records import Observation, Record
-from controller.reporters import Reporter
+from controller.adapters.containerd import ContainerdActuator
+from controller.adapters.ctr import Outcome
+from controller.adapters.logs import Reporter
+from controller.core.executor import ActionResult, StoreActuator, execute
+from controller.core.identity import plan_with_ages
+from controller.model.plan import Mode, ObjectKind, Plan, PlanOptions, StoreDrift
+from controller.model.records import Observation, Record
 
 _KINDS = ("container", "snapshot", "result-tmp", "cache-tmp")
 

@@ -6,7 +6,7 @@ import json
 from collections import Counter, defaultdict
 from typing import Any
 
-from controller.plan import Decision, Plan
+from controller.model.plan import Decision, Plan
 from controller.reconciler import Summary
 
 _SHOWN = 8

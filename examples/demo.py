@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from controller.planner import base_image_key  # noqa: E402
+from controller.core.planner import base_image_key  # noqa: E402
 from tests.support.containerd import ContainerdUnavailable, PrivateContainerd  # noqa: E402
 from tests.support.daemon import DaemonProcess  # noqa: E402
 from tests.support.incident import wedge  # noqa: E402

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from controller.adapters.ctr import Outcome, Result
 from controller.cli import build_parser, resolve_settings
 from controller.cli import main as cli_main
-from controller.ctr import Outcome, Result
-from controller.errors import WorkerRunningError
-from controller.plan import Mode, PlanOptions
+from controller.model.errors import WorkerRunningError
+from controller.model.plan import Mode, PlanOptions
+from controller.model.records import ContainerdState, Observation, Snapshot, StoreState
 from controller.reconciler import reconcile
-from controller.records import ContainerdState, Observation, Snapshot, StoreState
 from tests.support.cli import reconcile as run_cli
 from tests.support.cli import reconcile_on
 from tests.support.containerd import PrivateContainerd
@@ -166,7 +166,7 @@ def test_a_worker_that_starts_during_once_stops_it_before_the_next_pass() -> Non
 
 def test_a_worker_that_appears_is_exit_2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     root = create_store(tmp_path / "store")
-    monkeypatch.setattr("controller.platform.find_running", lambda names: ["ocluster-worker (pid 4242)"])
+    monkeypatch.setattr("controller.adapters.platform.find_running", lambda names: ["ocluster-worker (pid 4242)"])
     assert cli_main(["--once", "--store", str(root), "--address", str(tmp_path / "none.sock")]) == 2
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.ctr import (
+from controller.adapters.ctr import (
     Ctr,
     CtrSettings,
     Outcome,
@@ -16,7 +16,7 @@ from controller.ctr import (
     parse_container_info,
     parse_table,
 )
-from controller.errors import CtrNotFoundError, CtrTimeoutError
+from controller.model.errors import CtrNotFoundError, CtrTimeoutError
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
 from tests.support.world import World
 

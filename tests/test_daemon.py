@@ -14,13 +14,15 @@ from pathlib import Path
 import anyio
 import pytest
 
-from controller.ctr import Result
+from controller.adapters.ctr import Result
+from controller.adapters.status import PassStatus
+from controller.config.settings import Overrides, resolve
+from controller.core.executor import execute
+from controller.core.planner import plan
 from controller.daemon import Daemon, backoff, remember
-from controller.errors import CtrError
-from controller.executor import execute
-from controller.plan import Mode, Plan, PlanOptions
-from controller.planner import plan
-from controller.records import (
+from controller.model.errors import CtrError
+from controller.model.plan import Mode, Plan, PlanOptions
+from controller.model.records import (
     Container,
     ContainerdState,
     History,
@@ -30,8 +32,6 @@ from controller.records import (
     TaskStatus,
     container_identity,
 )
-from controller.settings import Overrides, resolve
-from controller.status import PassStatus
 from tests.support.containerd import PrivateContainerd
 from tests.support.daemon import DaemonProcess
 from tests.support.fake import FakeContainerd, FakeStore

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from controller.ctr import Outcome
-from controller.executor import execute
-from controller.identity import RemovalGuard, build_id_of, plan_with_ages
-from controller.plan import Mode, PlanOptions
-from controller.records import Observation, StoreState
+from controller.adapters.ctr import Outcome
+from controller.core.executor import execute
+from controller.core.identity import RemovalGuard, build_id_of, plan_with_ages
+from controller.model.plan import Mode, PlanOptions
+from controller.model.records import Observation, StoreState
 from tests.support.fake import FakeContainerd, FakeStore
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)

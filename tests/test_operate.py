@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from controller.adapters.logs import Reporter
+from controller.adapters.metrics import METRICS
+from controller.adapters.status import PassStatus, read_status
 from controller.cli import daemon_reporters
-from controller.metrics import METRICS
-from controller.plan import Mode
-from controller.reporters import Reporter
-from controller.status import PassStatus, read_status
+from controller.model.plan import Mode
 from tests.support.cli import reconcile_on
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
 from tests.support.daemon import DaemonProcess
@@ -142,7 +142,7 @@ WRITER = """
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from controller.status import PassStatus, write_status
+from controller.adapters.status import PassStatus, write_status
 path = Path(sys.argv[1])
 n = 0
 while True:

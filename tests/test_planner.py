@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from controller.plan import Mode, PlanOptions
-from controller.planner import base_image_key, path_identity, plan
-from controller.records import Observation
+from controller.core.planner import base_image_key, path_identity, plan
+from controller.model.plan import Mode, PlanOptions
+from controller.model.records import Observation
 
 CASES = sorted((Path(__file__).parent / "cases").glob("*.json"))
 

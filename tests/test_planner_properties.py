@@ -8,10 +8,9 @@ from fnmatch import fnmatchcase
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.plan import Mode, PlanOptions
-from controller.planner import plan
-from controller.reconciler import reconcile
-from controller.records import (
+from controller.core.planner import plan
+from controller.model.plan import Mode, PlanOptions
+from controller.model.records import (
     Container,
     ContainerdState,
     History,
@@ -24,6 +23,7 @@ from controller.records import (
     TaskStatus,
     container_identity,
 )
+from controller.reconciler import reconcile
 from tests.support.fake import FakeContainerd, FakeStore
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)

@@ -10,11 +10,11 @@ import jsonschema
 import pytest
 import yaml
 
-from controller.crd import README_END, README_START, crd_document, crd_yaml, reference_markdown
-from controller.errors import PolicyError
-from controller.plan import Mode
-from controller.policy import format_duration, load_policy, parse_duration
-from controller.settings import Overrides, resolve
+from controller.config.crd import README_END, README_START, crd_document, crd_yaml, reference_markdown
+from controller.config.policy import format_duration, load_policy, parse_duration
+from controller.config.settings import Overrides, resolve
+from controller.model.errors import PolicyError
+from controller.model.plan import Mode
 from tests.support.cli import reconcile_on
 from tests.support.containerd import PrivateContainerd
 from tests.support.world import World

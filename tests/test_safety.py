@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.lock import StoreLock
+from controller.adapters.lock import StoreLock
 from tests.support.cli import reconcile_on
 from tests.support.containerd import PrivateContainerd
 from tests.support.world import World

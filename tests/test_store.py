@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.errors import LayerinfoError, StoreSanityError
-from controller.store import check_store, observe_store, read_db, read_layerinfo
+from controller.adapters.store import check_store, observe_store, read_db, read_layerinfo
+from controller.model.errors import LayerinfoError, StoreSanityError
 from tests.support.world import create_store, layerinfo_text
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

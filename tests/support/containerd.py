@@ -178,13 +178,13 @@ class PrivateContainerd:
         return keys[0]
 
     def snapshot_keys(self, namespace: str) -> list[str]:
-        from controller.ctr import parse_table
+        from controller.adapters.ctr import parse_table
 
         out = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", namespace=namespace).stdout
         return [row["KEY"] for row in parse_table(out)]
 
     def snapshot_parents(self, namespace: str) -> dict[str, str | None]:
-        from controller.ctr import parse_table
+        from controller.adapters.ctr import parse_table
 
         out = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls", namespace=namespace).stdout
         return {row["KEY"]: row["PARENT"] or None for row in parse_table(out)}
@@ -193,7 +193,7 @@ class PrivateContainerd:
         return self.ctr("containers", "ls", "--quiet", namespace=namespace).stdout.split()
 
     def task_status(self, namespace: str) -> dict[str, str]:
-        from controller.ctr import parse_table
+        from controller.adapters.ctr import parse_table
 
         rows = parse_table(self.ctr("tasks", "ls", namespace=namespace).stdout)
         return {row["TASK"]: row["STATUS"] for row in rows}

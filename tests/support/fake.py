@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from controller.ctr import Outcome, Result
-from controller.records import Container, ContainerdState, Snapshot, StoreState, Task, TaskStatus
+from controller.adapters.ctr import Outcome, Result
+from controller.model.records import Container, ContainerdState, Snapshot, StoreState, Task, TaskStatus
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

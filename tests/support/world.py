@@ -145,7 +145,7 @@ class World:
         return keys
 
     def source_of(self, build_id: str) -> str:
-        from controller.store import layerinfo_candidates, read_layerinfo
+        from controller.adapters.store import layerinfo_candidates, read_layerinfo
 
         for area in ("result-tmp", "result"):
             for candidate in layerinfo_candidates(self.root / area / build_id):

@@ -1,7 +1,7 @@
 """The planner: a pure function from what was observed to what one pass removes.
 
 No I/O, no clock, no logging: ``plan(observation, options, now, mode)`` reads the
-records and returns a :class:`~controller.plan.Plan`. It applies DESIGN.md's keep
+records and returns a :class:`~controller.model.plan.Plan`. It applies DESIGN.md's keep
 rules; everything owned and not kept is an orphan, removed leaves first.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 
-from controller.plan import (
+from controller.model.plan import (
     CacheTmpRemoval,
     ContainerRemoval,
     Decision,
@@ -27,7 +27,7 @@ from controller.plan import (
     StoreDrift,
     TmpRemoval,
 )
-from controller.records import Container, Observation, StoreEntry, TaskStatus, container_identity
+from controller.model.records import Container, Observation, StoreEntry, TaskStatus, container_identity
 
 _WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:|\\\\)|\\")
 _LIVE_TASK = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING, TaskStatus.CREATED})

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Protocol
 
-from controller.ctr import Ctr, Result
-from controller.records import ContainerdState
+from controller.adapters.ctr import Ctr, Result
+from controller.model.records import ContainerdState
 
 
 class ContainerdObserver(Protocol):

@@ -24,9 +24,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from controller import platform
-from controller.errors import CtrError, CtrNotFoundError, CtrTimeoutError
-from controller.records import Container, Snapshot, Task, TaskStatus
+from controller.adapters import platform
+from controller.model.errors import CtrError, CtrNotFoundError, CtrTimeoutError
+from controller.model.records import Container, Snapshot, Task, TaskStatus
 
 V = TypeVar("V")
 

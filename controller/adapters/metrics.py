@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from controller.errors import UsageError
-from controller.reporters import Reporter
-from controller.status import DRIFT_KINDS
+from controller.adapters.logs import Reporter
+from controller.adapters.status import DRIFT_KINDS
+from controller.model.errors import UsageError
 
 if TYPE_CHECKING:
-    from controller.ctr import Outcome, Result
-    from controller.plan import ObjectKind
-    from controller.status import PassStatus
+    from controller.adapters.ctr import Outcome, Result
+    from controller.adapters.status import PassStatus
+    from controller.model.plan import ObjectKind
 
 ACTION_KINDS = ("container", "snapshot", "result-tmp", "cache-tmp")
 ACTION_OUTCOMES = ("removed", "not_found", "failed")

@@ -12,10 +12,10 @@ import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controller import platform
-from controller.errors import LayerinfoError, StoreReadError, StoreSanityError
-from controller.records import DbRow, LayerInfo, StoreEntry, StoreState
-from controller.sexp import Node, SexpSyntaxError, parse_one, position
+from controller.adapters import platform
+from controller.adapters.sexp import Node, SexpSyntaxError, parse_one, position
+from controller.model.errors import LayerinfoError, StoreReadError, StoreSanityError
+from controller.model.records import DbRow, LayerInfo, StoreEntry, StoreState
 
 DB_PATH = ("state", "db", "db.sqlite")
 _FIELDS = ("snapshot_key", "source", "parent_layer_paths")

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from controller.containerd import ContainerdActuator
-from controller.ctr import Outcome, Result
-from controller.plan import ObjectKind, Plan
-from controller.records import TaskStatus
-from controller.reporters import Reporter
+from controller.adapters.containerd import ContainerdActuator
+from controller.adapters.ctr import Outcome, Result
+from controller.adapters.logs import Reporter
+from controller.model.plan import ObjectKind, Plan
+from controller.model.records import TaskStatus
 
 
 class StoreActuator(Protocol):

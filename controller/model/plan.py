@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from controller.records import Record, TaskStatus
+from controller.model.records import Record, TaskStatus
 
 
 class Mode(StrEnum):

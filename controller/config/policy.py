@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from controller.errors import PolicyError
+from controller.model.errors import PolicyError
 
 API_VERSION = "reconcile.obuilder.io/v1alpha1"
 KIND = "ReconcilePolicy"

@@ -12,11 +12,11 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from controller.plan import ObjectKind, Plan
+from controller.model.plan import ObjectKind, Plan
 
 if TYPE_CHECKING:
-    from controller.ctr import Outcome, Result
-    from controller.status import PassStatus
+    from controller.adapters.ctr import Outcome, Result
+    from controller.adapters.status import PassStatus
 
 log = logging.getLogger("reconcile")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from controller import platform
-from controller.errors import LockedError
+from controller.adapters import platform
+from controller.model.errors import LockedError
 
 #: Our own folder under the store's ``state/``: OBuilder never looks inside it.
 STATE_DIR = ("state", "obuilder-reconcile")

@@ -10,9 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
-from controller import platform
-from controller.ctr import Outcome, Result
-from controller.errors import UnsafePathError
+from controller.adapters import platform
+from controller.adapters.ctr import Outcome, Result
+from controller.model.errors import UnsafePathError
 
 
 class StoreCleaner:

@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from controller.ctr import Outcome, Result
-from controller.plan import Mode, Plan, PlanOptions
-from controller.planner import plan as make_plan
-from controller.records import Observation
+from controller.adapters.ctr import Outcome, Result
+from controller.core.planner import plan as make_plan
+from controller.model.plan import Mode, Plan, PlanOptions
+from controller.model.records import Observation
 
 #: Daemon: snapshot keys checked and removed together. Small, so the time between a
 #: key's last check and its removal stays a few ctr calls long.

@@ -16,12 +16,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from controller.ctr import Outcome
-from controller.executor import PassResult
-from controller.plan import DRIFT_KINDS, Mode, Plan
+from controller.adapters.ctr import Outcome
+from controller.adapters.logs import Reporter
+from controller.core.executor import PassResult
+from controller.model.plan import DRIFT_KINDS, Mode, Plan
+from controller.model.records import Record
 from controller.reconciler import Stuck
-from controller.records import Record
-from controller.reporters import Reporter
 
 _DRIFT_OF_ACTION = {
     "snapshot": "orphan_snapshots",

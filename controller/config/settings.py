@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from controller import platform
-from controller.ctr import CtrSettings
-from controller.errors import UsageError
-from controller.lock import STATE_DIR
-from controller.plan import Mode, PlanOptions
-from controller.policy import API_VERSION, KIND, Metadata, ReconcilePolicy, load_policy
+from controller.adapters import platform
+from controller.adapters.ctr import CtrSettings
+from controller.adapters.lock import STATE_DIR
+from controller.config.policy import API_VERSION, KIND, Metadata, ReconcilePolicy, load_policy
+from controller.model.errors import UsageError
+from controller.model.plan import Mode, PlanOptions
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The world: ctr, the store on disk, the status file, metrics, logs, the OS seam."""

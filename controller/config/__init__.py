@@ -1,0 +1,1 @@
+"""The ReconcilePolicy model, its CRD, and settings resolved from flags, policy and defaults."""
