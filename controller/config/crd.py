@@ -149,7 +149,7 @@ def readme_with_reference(readme: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate the CRD and the README policy reference.")
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2])
     args = parser.parse_args(argv)
     crd = args.root / "crds" / "reconcilepolicy.yaml"
     crd.parent.mkdir(exist_ok=True)
