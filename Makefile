@@ -60,7 +60,7 @@ bench: system-deps setup
 bench-daemon: setup
 	$(BIN)/python bench/daemon_bench.py
 
-# The CRD and the README's policy reference are generated from controller/config/policy.py.
+# The CRD and the README's policy reference are generated from controller/model/policy.py.
 crds: setup
 	$(BIN)/python -m controller.config.crd
 

@@ -7,21 +7,19 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 from controller import __version__
 from controller.adapters import platform
 from controller.adapters.containerd import CtrContainerd
-from controller.adapters.ctr import Ctr, Outcome
+from controller.adapters.ctr import Ctr
 from controller.adapters.lock import StoreLock
-from controller.adapters.logs import LogReporter, ProgressReporter, Reporter, Reporters, configure_logging
-from controller.adapters.status import PassStatus, StatusFile, write_status
-from controller.adapters.store import check_store, observe_store
-from controller.adapters.store_cleanup import StoreCleaner
-from controller.config.policy import parse_duration
+from controller.adapters.logs import LogReporter, ProgressReporter, configure_logging
+from controller.adapters.status import StatusFile, write_status
+from controller.adapters.store import FsStore, check_store
 from controller.config.settings import Overrides, Settings, resolve
-from controller.core.identity import plan_with_ages
+from controller.core.passes import PassOptions, one_pass, run_once
+from controller.core.ports import Ports, Reporter, Reporters, WallClock
 from controller.model.errors import (
     CtrError,
     CtrNotFoundError,
@@ -33,9 +31,9 @@ from controller.model.errors import (
     UsageError,
     WorkerRunningError,
 )
-from controller.model.plan import Mode, ObjectKind, Plan, PlanOptions
-from controller.model.records import Observation
-from controller.reconciler import Summary, reconcile
+from controller.model.plan import Mode, Plan, PlanOptions
+from controller.model.policy import parse_duration
+from controller.model.records import History
 from controller.report import render_explain, render_plan, render_summary, to_json
 
 EXIT_OK, EXIT_NOT_CONVERGED, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
@@ -170,14 +168,6 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     ctr = Ctr(settings.ctr)
     containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
 
-    def observe() -> Observation:
-        # containerd first, as the daemon does: what starts after the listing is not in it.
-        state = containerd.observe()
-        return Observation(store=observe_store(settings.store), containerd=state)
-
-    def now() -> datetime:
-        return datetime.now(UTC)
-
     def no_worker_running() -> None:
         # Asked before every pass, not only the first: a worker that starts meanwhile makes
         # boot semantics wrong (its containers and result-tmp/ entries are live).
@@ -194,7 +184,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         logging.getLogger("reconcile").info("waiting up to %gs for containerd at %s", wait, settings.ctr.address)
         ctr.wait_until_up(wait)
     if args.explain:
-        return explain(args.explain, observe(), options, now(), mode, containerd)
+        ports = Ports(containerd=containerd, store=FsStore(settings.store), reporter=Reporter(), clock=WallClock())
+        return explain(args.explain, ports, options, mode)
     if not args.once:
         return run_daemon(args, env, settings)
     if not args.force:
@@ -203,38 +194,36 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     def go() -> int:
         configure_logging(args.log_format)
         printer = PlanPrinter(verbose=args.verbose, enabled=not (args.json or args.dry_run))
-        reporters: list[Reporter] = [printer]
         progress = ProgressReporter() if sys.stderr.isatty() and args.log_format == "text" else None
-        reporters.append(progress or LogReporter())
-        meter = UsageMeter(containerd) if settings.measure_bytes else None
-        if meter is not None:
-            reporters.append(meter)
-        summary, first = reconcile(
-            observe,
-            options,
-            mode,
-            containerd,
-            StoreCleaner(settings.store),
-            now=now,
+        reporters: list[Reporter] = [printer, progress or LogReporter()]
+        if not args.dry_run:
+            reporters.insert(0, StatusFile(settings.status_path))
+        ports = Ports(containerd=containerd, store=FsStore(settings.store), reporter=Reporters(*reporters),
+                      clock=WallClock())  # fmt: skip
+        pass_options = PassOptions(plan=options, mode=mode, measure_bytes=settings.measure_bytes, dry_run=args.dry_run)
+        run = run_once(
+            ports,
+            pass_options,
             max_passes=settings.max_passes,
-            dry_run=args.dry_run,
-            reporter=Reporters(*reporters),
-            ctr_calls=lambda: ctr.calls,
             before_pass=None if args.force else no_worker_running,
         )
         if progress is not None:
             progress.close()
+        first = run.first.plan
+        assert first is not None
         if args.json:
-            print(to_json(first, summary))
+            print(to_json(first, run))
         else:
             if not printer.printed:
                 print(render_plan(first, verbose=args.verbose))
-            print(render_summary(summary))
-            if meter is not None:
-                print(f"Orphans held {meter.orphan_bytes:,} bytes; {meter.reclaimed:,} reclaimed.")
+            print(render_summary(run))
+            if run.orphan_bytes_at_start is not None:
+                status = run.as_status()
+                print(f"Orphans held {run.orphan_bytes_at_start:,} bytes; {status.reclaimed_bytes or 0:,} reclaimed.")
         if not args.dry_run:
-            write_status(settings.status_path, once_status(summary, now(), meter))
-        return summary.exit_code
+            # The whole run, over the last pass's report: what a boot script reads.
+            write_status(settings.status_path, run.as_status())
+        return run.exit_code
 
     if args.dry_run:
         return go()
@@ -256,48 +245,10 @@ class PlanPrinter(Reporter):
             self.printed = True
 
 
-class UsageMeter(Reporter):
-    """Measures orphans before each pass acts (``measureBytes``) and adds up what went."""
-
-    def __init__(self, containerd: CtrContainerd) -> None:
-        self.containerd = containerd
-        self.sizes: dict[str, int] = {}
-        self.orphan_bytes = 0
-        self.reclaimed = 0
-
-    def pass_started(self, number: int, plan: Plan) -> None:
-        keys = [k for k in (*plan.snapshots, *plan.deferred) if k not in self.sizes]
-        self.sizes.update(self.containerd.usage(keys))
-        if number == 1:
-            self.orphan_bytes = sum(self.sizes.values())
-
-    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
-        if kind == "snapshot":
-            self.reclaimed += self.sizes.get(name, 0)
-
-
-def once_status(summary: Summary, now: datetime, meter: UsageMeter | None) -> PassStatus:
-    ok = summary.exit_code == 0
-    return PassStatus(
-        time=now,
-        mode=summary.mode,
-        pass_number=summary.passes,
-        outcome="success" if ok else "error",
-        seconds=summary.seconds,
-        error=None if ok else f"did not converge: {len(summary.stuck)} stuck",
-        removed=summary.removed,
-        drift=summary.remaining,
-        stuck=summary.stuck,
-        owned={"snapshot": summary.kept_snapshots},
-        orphan_bytes=meter.orphan_bytes - meter.reclaimed if meter else None,
-        reclaimed_bytes=meter.reclaimed if meter else None,
-    )
-
-
 def daemon_reporters(status_path: Path, metrics: Reporter) -> Reporters:
-    # The status file before the metrics: whoever sees a gauge move (an alert, a test) then finds the
-    # status file already saying the same.
-    return Reporters(LogReporter(), StatusFile(status_path), metrics)
+    # The status file, then the metrics, then the log line: whoever sees a gauge move (an alert,
+    # a test) or a "pass N" line then finds the status file already saying the same.
+    return Reporters(StatusFile(status_path), metrics, LogReporter())
 
 
 def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> int:
@@ -326,15 +277,13 @@ def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Setti
                 endpoints.stop()
 
 
-def explain(
-    name: str, observation: Observation, options: PlanOptions, now: datetime, mode: Mode, containerd: CtrContainerd
-) -> int:
-    plan = plan_with_ages(observation, options, now, mode, containerd)
+def explain(name: str, ports: Ports, options: PlanOptions, mode: Mode) -> int:
+    # The same look a pass takes (containerd first, ages where they decide), changing nothing.
+    report = one_pass(ports, PassOptions(plan=options, mode=mode, dry_run=True), History(), 0)
+    plan, observed = report.plan, ports.containerd.observe()
+    assert plan is not None
     decisions = plan.decision_for(name)
-    present = (
-        any(s.key == name for s in observation.containerd.snapshots)
-        or name in observation.containerd.foreign_containers
-    )
+    present = any(s.key == name for s in observed.snapshots) or name in observed.foreign_containers
     note = (
         "(boot semantics: --once assumes the worker is not running)"
         if mode is Mode.BOOT

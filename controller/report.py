@@ -6,8 +6,8 @@ import json
 from collections import Counter, defaultdict
 from typing import Any
 
-from controller.model.plan import Decision, Plan
-from controller.reconciler import Summary
+from controller.model.outcome import RunReport
+from controller.model.plan import Decision, Kind, Plan, Rule
 
 _SHOWN = 8
 _NOUNS = {
@@ -53,15 +53,15 @@ def render_plan(plan: Plan, *, verbose: bool = False) -> str:
         lines.append(f"  remove cache-tmp/{ct.name}: {ct.reason}")
     if plan.deferred:
         lines.append(f"  defer {count(len(plan.deferred), 'snapshot')} to a later pass (maxDeletionsPerPass)")
-    kept = plan.kept("snapshot")
+    kept = plan.kept(Kind.SNAPSHOT)
     if kept:
         rules = Counter(d.rule for d in kept)
         detail = ", ".join(f"{n} {rule}" for rule, n in rules.most_common())
         lines.append(f"Keep {count(len(kept), 'snapshot')} ({detail}).")
         for d in kept:
-            if d.rule == "protected" or verbose:
+            if d.rule is Rule.PROTECTED or verbose:
                 lines.append(f"  keep {d.name}: {d.reason}")
-    for d in plan.kept("container"):
+    for d in plan.kept(Kind.CONTAINER):
         lines.append(f"  keep container {d.name}: {d.reason}")
     lines += _render_drift_and_warnings(plan)
     return "\n".join(lines)
@@ -83,31 +83,55 @@ def _render_drift_and_warnings(plan: Plan) -> list[str]:
     return lines
 
 
-def render_summary(summary: Summary) -> str:
-    removed = ", ".join(count(n, kind) for kind, n in summary.removed.items())
-    calls = f", {summary.ctr_calls} ctr calls" if summary.ctr_calls is not None else ""
-    if summary.dry_run:
-        verdict = "nothing to do" if summary.exit_code == 0 else "drift found (dry run: nothing changed)"
-        lines = [f"Dry run in {summary.seconds:.2f} s{calls}: {verdict}."]
+def render_summary(run: RunReport) -> str:
+    removed_counts = run.total("removed")
+    removed = ", ".join(count(n, kind) for kind, n in removed_counts.items())
+    calls = f", {run.ctr_calls} ctr calls" if run.ctr_calls is not None else ""
+    if run.dry_run:
+        verdict = "nothing to do" if run.exit_code == 0 else "drift found (dry run: nothing changed)"
+        lines = [f"Dry run in {run.seconds:.2f} s{calls}: {verdict}."]
     else:
-        if not summary.converged:
+        if not run.converged:
             verdict = "did NOT converge"
-        elif summary.stuck:
+        elif run.stuck:
             verdict = "converged, but what is listed below needs a human"
         else:
             verdict = "converged"
-        passes = f"{summary.passes} pass{'es' if summary.passes != 1 else ''}"
-        gone = sum(summary.already_gone.values())
+        passes = f"{run.acted} pass{'es' if run.acted != 1 else ''}"
+        gone = sum(run.total("already_gone").values())
         if gone:
             removed += f" ({gone} more {'was' if gone == 1 else 'were'} already gone)"
         lines = [
-            f"Reconciled in {summary.seconds:.2f} s, {passes}{calls}: "
-            f"removed {removed}; {summary.kept_snapshots} owned snapshots kept; {verdict}."
+            f"Reconciled in {run.seconds:.2f} s, {passes}{calls}: "
+            f"removed {removed}; {run.last.kept_snapshots} owned snapshots kept; {verdict}."
         ]
-    if summary.stuck:
-        lines.append(f"Stuck ({len(summary.stuck)}):")
-        lines += [f"  {s.kind} {s.name}: {s.reason}" for s in summary.stuck]
+    if run.stuck:
+        lines.append(f"Stuck ({len(run.stuck)}):")
+        lines += [f"  {s.kind} {s.name}: {s.reason}" for s in run.stuck]
     return "\n".join(lines)
+
+
+def summary_json(run: RunReport) -> dict[str, Any]:
+    """The run for machines: totals, and what it left."""
+    last = run.last
+    return {
+        "mode": last.mode.value,
+        "dry_run": run.dry_run,
+        "converged": run.converged,
+        "passes": run.acted,
+        "removed": run.total("removed"),
+        "already_gone": run.total("already_gone"),
+        "failed": run.total("failed"),
+        "planned": run.first.planned,
+        "kept_snapshots": last.kept_snapshots,
+        "stuck": [s.model_dump(mode="json") for s in run.stuck],
+        "remaining": {**last.drift, "stuck": len(run.stuck)},
+        "drift": last.store_drift.model_dump(mode="json"),
+        "warnings": list(last.warnings),
+        "seconds": run.seconds,
+        "ctr_calls": run.ctr_calls,
+        "exit_code": run.exit_code,
+    }
 
 
 def render_explain(name: str, decisions: list[Decision], *, present: bool, mode_note: str) -> str:
@@ -123,9 +147,9 @@ def render_explain(name: str, decisions: list[Decision], *, present: bool, mode_
     return "\n".join(lines)
 
 
-def to_json(plan: Plan, summary: Summary | None) -> str:
+def to_json(plan: Plan, run: RunReport | None) -> str:
     doc: dict[str, Any] = {"plan": plan.model_dump(mode="json", exclude={"decisions", "snapshot_parents"})}
     doc["plan"]["kept"] = [d.model_dump(mode="json") for d in plan.decisions if d.keep]
-    if summary is not None:
-        doc["summary"] = summary.model_dump(mode="json") | {"exit_code": summary.exit_code}
+    if run is not None:
+        doc["summary"] = summary_json(run)
     return json.dumps(doc, indent=2)

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from controller.adapters.ctr import Outcome, Result
 from controller.cli import build_parser, resolve_settings
 from controller.cli import main as cli_main
+from controller.core.passes import PassOptions, run_once
 from controller.model.errors import WorkerRunningError
+from controller.model.outcome import Outcome, Result
 from controller.model.plan import Mode, PlanOptions
-from controller.model.records import ContainerdState, Observation, Snapshot, StoreState
-from controller.reconciler import reconcile
+from controller.model.records import ContainerdState, Snapshot, StoreState
 from tests.support.cli import reconcile as run_cli
 from tests.support.cli import reconcile_on
 from tests.support.containerd import PrivateContainerd
-from tests.support.fake import FakeContainerd, FakeStore
+from tests.support.fake import FakeContainerd, FakeStore, fake_ports
 from tests.support.world import World, create_store
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
@@ -68,12 +68,9 @@ def test_a_parent_containerd_says_has_a_phantom_child_is_reported_stuck_not_retr
     fake.phantom_children.add("obuilder-a-committed")
     store = FakeStore(StoreState(root="/s"))
 
-    def observe() -> Observation:
-        return Observation(store=store.observe(), containerd=fake.observe())
-
-    summary, _ = reconcile(observe, PlanOptions(), Mode.BOOT, fake, store, now=lambda: NOW, max_passes=10)
+    summary = run_once(fake_ports(fake, store), PassOptions(PlanOptions(), Mode.BOOT), max_passes=10)
     assert summary.exit_code == 1
-    assert summary.passes == 2
+    assert summary.acted == 2
     (stuck,) = summary.stuck
     assert stuck.name == "obuilder-a-committed" and "known containerd bug" in stuck.reason
     assert list(fake.parents) == ["obuilder-a-committed"]
@@ -84,12 +81,9 @@ def test_pass_limit_is_reported_with_what_remains() -> None:
     fake = FakeContainerd(parents=dict(chain))
     store = FakeStore(StoreState(root="/s"))
 
-    def observe() -> Observation:
-        return Observation(store=store.observe(), containerd=fake.observe())
-
     options = PlanOptions(max_deletions_per_pass=2)
-    summary, _ = reconcile(observe, options, Mode.BOOT, fake, store, now=lambda: NOW, max_passes=2)
-    assert (summary.exit_code, summary.passes, summary.removed["snapshot"]) == (1, 2, 4)
+    summary = run_once(fake_ports(fake, store), PassOptions(options, Mode.BOOT), max_passes=2)
+    assert (summary.exit_code, summary.acted, summary.total("removed")["snapshot"]) == (1, 2, 4)
     assert {s.name for s in summary.stuck} == {"obuilder-0", "obuilder-1"}
     assert all("pass limit (2) reached" in s.reason for s in summary.stuck)
     assert (
@@ -156,11 +150,8 @@ def test_a_worker_that_starts_during_once_stops_it_before_the_next_pass() -> Non
         if len(looks) > 1:
             raise WorkerRunningError("a worker appears to be running (ocluster-worker)")
 
-    def observe() -> Observation:
-        return Observation(store=store.observe(), containerd=fake.observe())
-
     with pytest.raises(WorkerRunningError):
-        reconcile(observe, PlanOptions(), Mode.BOOT, fake, store, now=lambda: NOW, before_pass=no_worker_running)
+        run_once(fake_ports(fake, store), PassOptions(PlanOptions(), Mode.BOOT), before_pass=no_worker_running)
     assert len(looks) == 2 and "obuilder-b" in fake.parents, "the second pass never acted"
 
 

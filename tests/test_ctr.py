@@ -9,7 +9,6 @@ import pytest
 from controller.adapters.ctr import (
     Ctr,
     CtrSettings,
-    Outcome,
     chunk_args,
     classify,
     go_quote,
@@ -17,6 +16,7 @@ from controller.adapters.ctr import (
     parse_table,
 )
 from controller.model.errors import CtrNotFoundError, CtrTimeoutError
+from controller.model.outcome import Outcome
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
 from tests.support.world import World
 
@@ -91,7 +91,8 @@ def test_missing_ctr_and_timeouts_are_errors_a_user_can_read(tmp_path: Path) -> 
 def test_real_ctr_output_parses_and_removal_is_batched_and_idempotent(
     world: World, containerd: PrivateContainerd, namespace: str
 ) -> None:
-    ctr = Ctr(CtrSettings(address=containerd.address, namespace=namespace, snapshotter=SNAPSHOTTER))
+    # One process for the batch, to see how ctr itself goes on after a failed key.
+    ctr = Ctr(CtrSettings(address=containerd.address, namespace=namespace, snapshotter=SNAPSHOTTER, parallelism=1))
     world.prepare("obuilder-with space", world.image_layer)
     world.prepare("-looks-like-a-flag", world.image_layer)
     snaps = {s.key: s for s in ctr.snapshots()}

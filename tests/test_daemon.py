@@ -5,36 +5,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
-import anyio
 import pytest
 
-from controller.adapters.ctr import Result
-from controller.adapters.status import PassStatus
 from controller.config.settings import Overrides, resolve
-from controller.core.executor import execute
-from controller.core.planner import plan
-from controller.daemon import Daemon, backoff, remember
-from controller.model.errors import CtrError
-from controller.model.plan import Mode, Plan, PlanOptions
-from controller.model.records import (
-    Container,
-    ContainerdState,
-    History,
-    Observation,
-    StoreState,
-    Task,
-    TaskStatus,
-    container_identity,
-)
+from controller.daemon import Daemon
 from tests.support.containerd import PrivateContainerd
 from tests.support.daemon import DaemonProcess
-from tests.support.fake import FakeContainerd, FakeStore
 from tests.support.obuilder_worker import BASES, LeakMonitor, ObuilderWorker, sha256_hex
 from tests.support.world import World, create_store
 
@@ -59,35 +40,6 @@ def daemon_factory(containerd: PrivateContainerd, tmp_path: Path) -> Iterator[li
     yield started
     for d in started:
         d.stop()
-
-
-def test_history_remembers_idle_containers_by_identity_and_forgets_what_went() -> None:
-    t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    made = t0 - timedelta(hours=1)
-    run1, run2 = Container(id="run-1", created_at=made), Container(id="run-2", created_at=made)
-    state = ContainerdState(
-        containers=(run1, run2),
-        tasks=(Task(id="run-1", status=TaskStatus.RUNNING), Task(id="run-2", status=TaskStatus.STOPPED)),
-    )
-    h = remember(History(), state, t0)
-    later = t0 + timedelta(minutes=1)
-    # run-2 was removed and a new container took its id (obuilder-run-N ids repeat).
-    run2_again = Container(id="run-2", created_at=later)
-    state2 = ContainerdState(containers=(run1, run2_again), tasks=(Task(id="run-1", status=TaskStatus.STOPPED),))
-    h2 = remember(h, state2, later)
-    assert h2.containers_idle_since == {container_identity(run1): later, container_identity(run2_again): later}
-    assert remember(h2, state2, later + timedelta(minutes=5)) == h2, "idle since the first look, not the last"
-
-
-def test_backoff_doubles_is_capped_and_jittered() -> None:
-    import random
-
-    rng = random.Random(1)
-    delays = [backoff(n, rng) for n in range(1, 12)]
-    assert all(
-        0.5 * min(120, 2 ** (n - 1)) <= d <= min(120, 2 ** (n - 1)) for n, d in zip(range(1, 12), delays, strict=True)
-    )
-    assert max(delays) <= 120
 
 
 @pytest.mark.containerd
@@ -243,132 +195,6 @@ def test_sighup_reloads_the_policy_and_a_bad_policy_keeps_the_old_one(
     assert daemon.stop() == 0
 
 
-def _daemon_with(pass_fn: Callable[[], tuple[Plan, PassStatus]], tmp_path: Path) -> Daemon:
-    root = create_store(tmp_path / "store")
-    settings = resolve(Overrides(store=str(root)), None, {})
-    d = Daemon(load=lambda: settings)
-    d.run_pass = pass_fn  # type: ignore[method-assign]
-    return d
-
-
-def test_triggers_during_a_pass_coalesce_into_one_more_and_passes_never_overlap(tmp_path: Path) -> None:
-    running = threading.Lock()
-    calls: list[float] = []
-    empty = (
-        Plan(mode=Mode.DAEMON),
-        PassStatus(time=NOW, mode=Mode.DAEMON, pass_number=1, outcome="success", seconds=0),
-    )
-
-    def slow_pass() -> tuple[Plan, PassStatus]:
-        assert running.acquire(blocking=False), "two passes overlapped"
-        try:
-            calls.append(time.monotonic())
-            time.sleep(0.8)  # long enough for the whole burst to land inside the first pass
-        finally:
-            running.release()
-        return empty
-
-    daemon = _daemon_with(slow_pass, tmp_path)
-
-    async def scenario() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.run)
-            await anyio.sleep(0.1)  # the start-up pass is under way
-            for _ in range(20):
-                daemon.trigger("burst")
-                await anyio.sleep(0.005)
-            await anyio.sleep(2.5)
-            daemon.request_stop()
-
-    anyio.run(scenario)
-    assert len(calls) == 2, "start-up pass, then one pass for the whole burst"
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        CtrError(["ctr"], 1, "ctr: failed to dial: connection refused"),
-        # Not one of ours: a bug, or an OS error nobody foresaw. The daemon must outlive it too.
-        FileNotFoundError(2, "No such file or directory", "/store/result/x"),
-    ],
-)
-def test_a_failing_pass_backs_off_and_the_loop_goes_on(tmp_path: Path, error: Exception) -> None:
-    outcomes: list[str] = []
-    empty = (
-        Plan(mode=Mode.DAEMON),
-        PassStatus(time=NOW, mode=Mode.DAEMON, pass_number=1, outcome="success", seconds=0),
-    )
-    errors: list[str | None] = []
-
-    def flaky() -> tuple[Plan, PassStatus]:
-        if len(outcomes) < 2:
-            outcomes.append("fail")
-            errors.append(daemon.last_status.error if daemon.last_status else None)
-            raise error
-        outcomes.append("ok")
-        errors.append(daemon.last_status.error if daemon.last_status else None)
-        return empty
-
-    daemon = _daemon_with(flaky, tmp_path)
-
-    async def scenario() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.run)
-            with anyio.fail_after(10):
-                while "ok" not in outcomes:
-                    await anyio.sleep(0.05)
-            daemon.request_stop()
-
-    anyio.run(scenario)
-    assert outcomes == ["fail", "fail", "ok"]
-    # Each failed pass is reported, naming what went wrong.
-    assert errors[0] is None and errors[2] is not None
-    assert ("No such file" if isinstance(error, OSError) else "connection refused") in errors[2]
-
-
-def test_stopping_finishes_the_action_under_way_not_the_pass() -> None:
-    fake = FakeContainerd(parents={"obuilder-a": None, "obuilder-b": "obuilder-a", "obuilder-c": "obuilder-b"})
-    store = FakeStore(StoreState(root="/s"))
-    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
-    asked: list[int] = []
-
-    def stop_after_first_action() -> bool:
-        asked.append(1)
-        return len(asked) > 1  # the first level runs; stop before the second
-
-    result = execute(p, fake, store, should_stop=stop_after_first_action)
-    assert [r.name for r in result.results] == ["obuilder-c"]
-    assert set(fake.parents) == {"obuilder-a", "obuilder-b"}
-
-
-def test_orphans_no_container_uses_go_while_containers_are_removed_and_the_rest_after() -> None:
-    order: list[str] = []
-
-    class Recording(FakeContainerd):
-        def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]:
-            time.sleep(0.2)  # a task takes a moment to die
-            order.append("containers")
-            return super().remove_containers(ids)
-
-        def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
-            order.extend(keys)
-            return super().remove_snapshots(keys)
-
-    fake = Recording(
-        parents={"obuilder-free": None, "obuilder-used-committed": None, "obuilder-used": "obuilder-used-committed"},
-        containers={"obuilder-run-1": Container(id="obuilder-run-1", snapshot_key="obuilder-used")},
-        tasks={"obuilder-run-1": TaskStatus.STOPPED},
-    )
-    store = FakeStore(StoreState(root="/s"))
-    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
-    assert p.pinned == ("obuilder-used",)
-    result = execute(p, fake, store)
-    assert not result.failures()
-    assert order.index("obuilder-free") < order.index("containers") < order.index("obuilder-used")
-    assert order.index("obuilder-used") < order.index("obuilder-used-committed")
-    assert fake.parents == {}
-
-
 def test_a_reload_that_moves_the_store_is_refused_and_the_old_policy_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -377,11 +203,7 @@ def test_a_reload_that_moves_the_store_is_refused_and_the_old_policy_kept(
     loads = iter([first, moved])
     daemon = Daemon(load=lambda: next(loads))
 
-    async def reload() -> None:
-        daemon._wake = anyio.Event()
-        daemon._reload("SIGHUP")
-
     with caplog.at_level("ERROR", logger="reconcile"):
-        anyio.run(reload)
+        daemon._reload("SIGHUP")
     assert daemon.settings is first
     assert "refused" in caplog.text and "moves the store" in caplog.text and str(tmp_path / "b") in caplog.text

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from controller.adapters.ctr import Outcome
 from controller.core.executor import execute
 from controller.core.identity import RemovalGuard, build_id_of, plan_with_ages
+from controller.model.outcome import Outcome
 from controller.model.plan import Mode, PlanOptions
 from controller.model.records import Observation, StoreState
 from tests.support.fake import FakeContainerd, FakeStore

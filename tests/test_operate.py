@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from controller.adapters.logs import Reporter
 from controller.adapters.metrics import METRICS
-from controller.adapters.status import PassStatus, read_status
+from controller.adapters.status import read_status
 from controller.cli import daemon_reporters
+from controller.core.ports import Reporter
+from controller.model.outcome import PassReport
 from controller.model.plan import Mode
 from tests.support.cli import reconcile_on
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
@@ -142,13 +143,14 @@ WRITER = """
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from controller.adapters.status import PassStatus, write_status
+from controller.adapters.status import write_status
+from controller.model.outcome import PassReport
 path = Path(sys.argv[1])
 n = 0
 while True:
     n += 1
     stuck = [{"kind": "snapshot", "name": f"obuilder-{i}" * 40, "reason": "x" * 200} for i in range(300)]
-    write_status(path, PassStatus(time=datetime.now(timezone.utc), mode="daemon", pass_number=n,
+    write_status(path, PassReport(time=datetime.now(timezone.utc), mode="daemon", number=n,
                                   outcome="success", seconds=0.1, stuck=stuck[: (n % 2) * 300]))
 """
 
@@ -164,7 +166,7 @@ def test_status_file_survives_kill_9_mid_write(tmp_path: Path) -> None:
         proc.wait()
         status = read_status(path)  # raises on a torn or empty file
         assert len(status.stuck) in (0, 300)
-        numbers.add(status.pass_number)
+        numbers.add(status.number)
     assert len(numbers) > 1, "the writer was killed at different points"
     # The next writer clears temporary siblings a killed one left.
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=REPO)
@@ -180,13 +182,13 @@ def test_the_daemon_writes_its_status_file_before_the_metrics_move(tmp_path: Pat
     seen: list[int] = []
 
     class MetricsSpy(Reporter):
-        def pass_finished(self, status: PassStatus) -> None:
-            seen.append(read_status(path).pass_number)
+        def pass_finished(self, status: PassReport) -> None:
+            seen.append(read_status(path).number)
 
     reporters = daemon_reporters(path, MetricsSpy())
     for n in (1, 2):
         reporters.pass_finished(
-            PassStatus(time=datetime.now(UTC), mode=Mode.DAEMON, pass_number=n, outcome="success", seconds=0.1)
+            PassReport(time=datetime.now(UTC), mode=Mode.DAEMON, number=n, outcome="success", seconds=0.1)
         )
     assert seen == [1, 2]
 

@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.core.passes import PassOptions, run_once
 from controller.core.planner import plan
 from controller.model.plan import Mode, PlanOptions
 from controller.model.records import (
@@ -23,8 +24,7 @@ from controller.model.records import (
     TaskStatus,
     container_identity,
 )
-from controller.reconciler import reconcile
-from tests.support.fake import FakeContainerd, FakeStore
+from tests.support.fake import FakeClock, FakeContainerd, FakeStore, fake_ports
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 OPTIONS = PlanOptions(grace_period=timedelta(minutes=10), stale_after=timedelta(hours=6))
@@ -156,13 +156,12 @@ def test_running_the_plan_against_containerd_rules_converges(world: tuple[Observ
         obs.model_copy(update={"containerd": obs.containerd.model_copy(update={"snapshots": snapshots})}), options, mode
     )
 
-    def observe() -> Observation:
-        return Observation(store=store.observe(), containerd=fake.observe(), history=obs.history)
-
-    summary, first = reconcile(observe, options, mode, fake, store, now=lambda: NOW, max_passes=5)
+    summary = run_once(fake_ports(fake, store, FakeClock(NOW)), PassOptions(options, mode), max_passes=5)
+    first = summary.first.plan
+    assert first is not None
     # A running task is killed only at boot; a container survives a pass only when the
     # fake (like containerd) refuses to delete it while its task runs.
     assert summary.converged, summary.stuck
-    assert summary.passes <= 2
+    assert summary.acted <= 2
     assert keep <= set(fake.parents)
     assert set(first.snapshots).isdisjoint(fake.parents)

@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from controller.config.crd import README_END, README_START, crd_document, crd_yaml, reference_markdown
-from controller.config.policy import format_duration, load_policy, parse_duration
+from controller.config.policy import load_policy
 from controller.config.settings import Overrides, resolve
 from controller.model.errors import PolicyError
 from controller.model.plan import Mode
+from controller.model.policy import format_duration, parse_duration
 from tests.support.cli import reconcile_on
 from tests.support.containerd import PrivateContainerd
 from tests.support.world import World
@@ -114,7 +115,7 @@ def test_the_windows_example_maps_to_a_windows_connection() -> None:
     assert str(s.store) == "C:\\obuilder"
     assert s.ctr.address == "\\\\.\\pipe\\containerd-containerd"
     assert (s.ctr.snapshotter, s.ctr.timeout) == ("windows", 120.0)
-    assert "mcr.microsoft.com/windows/servercore:ltsc2022" in s.plan.protect_images
+    assert "mcr.microsoft.com/windows/servercore:ltsc2022" in s.plan_options(Mode.DAEMON).protect_images
     # The deletion limit paces a daemon; a boot run removes everything.
     assert s.plan_options(Mode.DAEMON).max_deletions_per_pass == 500
     assert s.plan_options(Mode.BOOT).max_deletions_per_pass is None

@@ -1,4 +1,4 @@
-"""The containerd observer and actuator, over ``ctr``.
+"""containerd, over ``ctr``: the core's :class:`~controller.core.ports.ContainerdPort`.
 
 The observer lists snapshots, containers and tasks, and asks for details only of
 the containers we own. The actuator removes in batches: its cost grows with the
@@ -10,28 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Protocol
 
-from controller.adapters.ctr import Ctr, Result
+from controller.adapters.ctr import Ctr
+from controller.model.outcome import Result
 from controller.model.records import ContainerdState
-
-
-class ContainerdObserver(Protocol):
-    def observe(self) -> ContainerdState: ...
-
-
-class ContainerdActuator(Protocol):
-    """What the executor needs from containerd; "not found" must come back as done."""
-
-    def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]: ...
-
-    def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]: ...
-
-    def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]: ...
-
-    def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
-        """containerd's Created of each key; None for a key that is gone."""
-        ...
 
 
 class CtrContainerd:
@@ -42,6 +24,10 @@ class CtrContainerd:
         self.container_prefix = container_prefix
         #: `containers info` calls at once: the degree removals use too.
         self.parallel = max(1, ctr.settings.parallelism)
+
+    @property
+    def calls(self) -> int:
+        return self.ctr.calls
 
     def observe(self) -> ContainerdState:
         # The three listings are independent; the containers' details follow their

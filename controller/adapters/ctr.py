@@ -21,51 +21,27 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, TypeVar
 
 from controller.adapters import platform
 from controller.model.errors import CtrError, CtrNotFoundError, CtrTimeoutError
+from controller.model.outcome import Outcome, Result
+from controller.model.policy import ReconcilePolicySpec
 from controller.model.records import Container, Snapshot, Task, TaskStatus
 
 V = TypeVar("V")
-
-
-class Outcome(StrEnum):
-    """What became of one object a removal call named."""
-
-    REMOVED = "removed"
-    #: Already gone: an idempotent removal counts this as done.
-    NOT_FOUND = "not-found"
-    #: containerd refused because the snapshot still has a child: retry after it.
-    HAS_CHILD = "has-child"
-    #: Not attempted: an earlier key of the same ``snapshots rm`` call failed.
-    NOT_TRIED = "not-tried"
-    #: Not attempted: the object changed since it was planned (a snapshot re-created
-    #: under the same key, a store entry for its build appeared). The next pass judges it.
-    CHANGED = "changed"
-    FAILED = "failed"
-
-    @property
-    def done(self) -> bool:
-        return self in (Outcome.REMOVED, Outcome.NOT_FOUND)
-
-
-@dataclass(frozen=True)
-class Result:
-    outcome: Outcome
-    message: str = ""
+_DEFAULTS = ReconcilePolicySpec()
 
 
 @dataclass(frozen=True)
 class CtrSettings:
     ctr: str = platform.DEFAULT_CTR
     address: str = platform.DEFAULT_ADDRESS
-    namespace: str = "default"
+    namespace: str = platform.DEFAULT_NAMESPACE
     snapshotter: str = platform.DEFAULT_SNAPSHOTTER
-    timeout: float = 60.0
+    timeout: float = _DEFAULTS.containerd.call_timeout.total_seconds()
     #: ctr processes at once for one batch of removals (independent keys: one level).
-    parallelism: int = 1
+    parallelism: int = _DEFAULTS.limits.parallelism
 
 
 @dataclass

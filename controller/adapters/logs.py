@@ -1,7 +1,7 @@
-"""Reporters: hooks the core calls, so it never logs, draws or measures by itself.
+"""Logs and the progress bar: reporters (``controller.core.ports.Reporter``) for people.
 
-The base does nothing; logs, the progress bar, metrics and the status file each
-subclass it, and :class:`Reporters` fans one call out to several.
+The core never logs or draws: it calls the reporter's hooks, and these turn them
+into log lines (text or JSON) and a progress bar on a terminal.
 """
 
 from __future__ import annotations
@@ -10,64 +10,51 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from controller.model.plan import ObjectKind, Plan
-
-if TYPE_CHECKING:
-    from controller.adapters.ctr import Outcome, Result
-    from controller.adapters.status import PassStatus
+from controller.core.ports import Reporter
+from controller.model.outcome import Outcome, PassReport, Result
+from controller.model.plan import Kind, Plan
 
 log = logging.getLogger("reconcile")
 
 
-class Reporter:
-    """Hooks with do-nothing bodies."""
-
-    def pass_started(self, number: int, plan: Plan) -> None:
-        """A pass has planned and is about to act."""
-
-    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
-        """One object is gone (``outcome`` is REMOVED or NOT_FOUND)."""
-
-    def failed(self, kind: ObjectKind, name: str, result: Result) -> None:
-        """One removal did not happen; the next pass will look again."""
-
-    def pass_finished(self, status: PassStatus) -> None:
-        """A pass is over, successful or not; ``status`` says how it went."""
-
-
-class Reporters(Reporter):
-    def __init__(self, *reporters: Reporter) -> None:
-        self.reporters = reporters
-
-    def pass_started(self, number: int, plan: Plan) -> None:
-        for r in self.reporters:
-            r.pass_started(number, plan)
-
-    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
-        for r in self.reporters:
-            r.removed(kind, name, reason, outcome)
-
-    def failed(self, kind: ObjectKind, name: str, result: Result) -> None:
-        for r in self.reporters:
-            r.failed(kind, name, result)
-
-    def pass_finished(self, status: PassStatus) -> None:
-        for r in self.reporters:
-            r.pass_finished(status)
-
-
 class LogReporter(Reporter):
-    """Every removal and failure as a log line, with its kind, name and reason as fields."""
+    """Every removal and failure as a log line, with its kind, name and reason as fields; and,
+    last of the reporters, one line a pass (so whoever reads it finds the status file and the
+    metrics already saying the same)."""
 
-    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
+    def pass_finished(self, report: PassReport) -> None:
+        if report.outcome == "error":
+            if report.traceback:
+                log.error("pass failed unexpectedly; retrying in %.1f s\n%s", report.retry_in or 0, report.traceback)
+            else:
+                log.warning("pass failed (%s); retrying in %.1f s", report.error, report.retry_in or 0)
+            return
+        window = f", re-check window max {report.recheck_window * 1000:.0f} ms" if report.recheck_window else ""
+        log.info(
+            "pass %d (%s): %d removed, %d failed, %d changed since planned, %d deferred, %d waiting out their "
+            "grace period, %d owned snapshots kept, %d ctr calls, %.2f s%s",
+            report.number,
+            report.trigger or report.mode.value,
+            report.progress,
+            sum(report.failed.values()),
+            report.changed,
+            len(report.plan.deferred) if report.plan else 0,
+            report.backlog - (len(report.plan.deferred) if report.plan else 0),
+            report.kept_snapshots,
+            report.ctr_calls or 0,
+            report.seconds,
+            window,
+        )
+
+    def removed(self, kind: Kind, name: str, reason: str, outcome: Outcome) -> None:
         gone = "" if outcome.value == "removed" else " (already gone)"
         log.info(
             "removed %s %s%s: %s", kind, name, gone, reason, extra={"kind": kind, "object": name, "reason": reason}
         )
 
-    def failed(self, kind: ObjectKind, name: str, result: Result) -> None:
+    def failed(self, kind: Kind, name: str, result: Result) -> None:
         if result.outcome.value == "changed":
             log.info(
                 "left %s %s: %s",
@@ -100,11 +87,11 @@ class ProgressReporter(Reporter):
         self.close()
         self.bar = self._tqdm(total=plan.action_count, desc=f"pass {number}", unit="obj", file=sys.stderr)
 
-    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
+    def removed(self, kind: Kind, name: str, reason: str, outcome: Outcome) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
-    def failed(self, kind: ObjectKind, name: str, result: Result) -> None:
+    def failed(self, kind: Kind, name: str, result: Result) -> None:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.write(f"could not remove {kind} {name}: {result.message}", file=sys.stderr)

@@ -9,21 +9,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from controller.adapters.logs import Reporter
-from controller.adapters.status import DRIFT_KINDS
+from controller.core.ports import Reporter
 from controller.model.errors import UsageError
+from controller.model.outcome import ACTION_KINDS, Outcome, PassReport, Result
+from controller.model.plan import DRIFT_KINDS, Kind
 
-if TYPE_CHECKING:
-    from controller.adapters.ctr import Outcome, Result
-    from controller.adapters.status import PassStatus
-    from controller.model.plan import ObjectKind
-
-ACTION_KINDS = ("container", "snapshot", "result-tmp", "cache-tmp")
 ACTION_OUTCOMES = ("removed", "not_found", "failed")
 
 #: name -> (type, help): the README's metrics reference is checked against this.
@@ -84,19 +78,20 @@ class Metrics(Reporter):
             self.drift.labels(kind)
         for kind in ACTION_KINDS:
             for outcome in ACTION_OUTCOMES:
-                self.actions.labels(kind, outcome)
+                self.actions.labels(kind.value, outcome)
         for outcome in ("success", "error"):
             self.passes.labels(outcome)
         for kind in ("snapshot", "container"):
             self.owned.labels(kind)
 
-    def removed(self, kind: ObjectKind, name: str, reason: str, outcome: Outcome) -> None:
-        self.actions.labels(kind, "removed" if outcome.value == "removed" else "not_found").inc()
+    def removed(self, kind: Kind, name: str, reason: str, outcome: Outcome) -> None:
+        self.actions.labels(kind.value, "removed" if outcome is Outcome.REMOVED else "not_found").inc()
 
-    def failed(self, kind: ObjectKind, name: str, result: Result) -> None:
-        self.actions.labels(kind, "failed").inc()
+    def failed(self, kind: Kind, name: str, result: Result) -> None:
+        if result.outcome.failure:
+            self.actions.labels(kind.value, "failed").inc()
 
-    def pass_finished(self, status: PassStatus) -> None:
+    def pass_finished(self, status: PassReport) -> None:
         self.passes.labels(status.outcome).inc()
         self.duration.observe(status.seconds)
         self.containerd_up.set(1 if status.containerd_up else 0)

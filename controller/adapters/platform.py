@@ -20,6 +20,8 @@ IS_WINDOWS = sys.platform == "win32"
 DEFAULT_ADDRESS = r"\\.\pipe\containerd-containerd" if IS_WINDOWS else "/run/containerd/containerd.sock"
 DEFAULT_SNAPSHOTTER = "windows" if IS_WINDOWS else "overlayfs"
 DEFAULT_CTR = "ctr.exe" if IS_WINDOWS else "ctr"
+#: containerd's own default namespace.
+DEFAULT_NAMESPACE = "default"
 
 #: Longest command line we build for one ctr call. Windows' CreateProcess caps a
 #: command line at 32,767 characters; Linux allows far more, but a few hundred keys

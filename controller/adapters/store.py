@@ -14,7 +14,9 @@ from pathlib import Path
 
 from controller.adapters import platform
 from controller.adapters.sexp import Node, SexpSyntaxError, parse_one, position
+from controller.adapters.store_cleanup import StoreCleaner
 from controller.model.errors import LayerinfoError, StoreReadError, StoreSanityError
+from controller.model.outcome import Result
 from controller.model.records import DbRow, LayerInfo, StoreEntry, StoreState
 
 DB_PATH = ("state", "db", "db.sqlite")
@@ -206,3 +208,24 @@ def _newest_change(path: Path, st: os.stat_result) -> datetime:
         except OSError:
             continue
     return datetime.fromtimestamp(newest, tz=UTC)
+
+
+class FsStore:
+    """The store on disk: the core's :class:`~controller.core.ports.StorePort`."""
+
+    def __init__(self, root: Path, *, busy_timeout: float = 5.0) -> None:
+        self.root = root
+        self.busy_timeout = busy_timeout
+        self.cleaner = StoreCleaner(root)
+
+    def observe(self) -> StoreState:
+        return observe_store(self.root, busy_timeout=self.busy_timeout)
+
+    def has_entry(self, area: str, entry_id: str) -> bool:
+        return entry_exists(self.root, area, entry_id)
+
+    def remove_tmp_entry(self, entry_id: str) -> Result:
+        return self.cleaner.remove_tmp_entry(entry_id)
+
+    def remove_cache_tmp(self, name: str) -> Result:
+        return self.cleaner.remove_cache_tmp(name)

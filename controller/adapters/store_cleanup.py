@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 from controller.adapters import platform
-from controller.adapters.ctr import Outcome, Result
 from controller.model.errors import UnsafePathError
+from controller.model.outcome import Outcome, Result
 
 
 class StoreCleaner:

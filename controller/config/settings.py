@@ -14,9 +14,10 @@ from pathlib import Path
 from controller.adapters import platform
 from controller.adapters.ctr import CtrSettings
 from controller.adapters.lock import STATE_DIR
-from controller.config.policy import API_VERSION, KIND, Metadata, ReconcilePolicy, load_policy
+from controller.config.policy import load_policy
 from controller.model.errors import UsageError
 from controller.model.plan import Mode, PlanOptions
+from controller.model.policy import API_VERSION, KIND, Metadata, ReconcilePolicy, ReconcilePolicySpec
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,11 @@ class Overrides:
 class Settings:
     store: Path
     ctr: CtrSettings
-    plan: PlanOptions
+    #: The policy's spec: the planner's options derive from it (plan_options).
+    spec: ReconcilePolicySpec = field(repr=False)
     max_passes: int
     interval: timedelta
     worker_names: tuple[str, ...]
-    policy: ReconcilePolicy = field(repr=False, compare=False)
     policy_path: Path | None = None
     #: None: no HTTP endpoints.
     metrics_address: str | None = None
@@ -53,10 +54,7 @@ class Settings:
     status_path: Path = field(default=Path(), kw_only=True)
 
     def plan_options(self, mode: Mode) -> PlanOptions:
-        """The deletion limit is for a daemon pacing itself beside a worker; at boot, remove it all."""
-        if mode is Mode.BOOT:
-            return self.plan.model_copy(update={"max_deletions_per_pass": None})
-        return self.plan
+        return PlanOptions.from_spec(self.spec, mode)
 
 
 def default_policy() -> ReconcilePolicy:
@@ -76,31 +74,20 @@ def resolve(overrides: Overrides, policy_path: str | None, env: Mapping[str, str
         parallelism=spec.limits.parallelism,
         ctr=overrides.ctr or c.ctr or platform.DEFAULT_CTR,
         address=overrides.address or c.address or env.get("CONTAINERD_ADDRESS") or platform.DEFAULT_ADDRESS,
-        namespace=overrides.namespace or c.namespace or env.get("CONTAINERD_NAMESPACE") or "default",
+        namespace=overrides.namespace or c.namespace or env.get("CONTAINERD_NAMESPACE") or platform.DEFAULT_NAMESPACE,
         snapshotter=(
             overrides.snapshotter or c.snapshotter or env.get("CONTAINERD_SNAPSHOTTER") or platform.DEFAULT_SNAPSHOTTER
         ),
         timeout=c.call_timeout.total_seconds(),
     )
-    plan = PlanOptions(
-        snapshot_prefix=spec.ownership.snapshot_prefix,
-        container_prefix=spec.ownership.container_prefix,
-        protect_keys=spec.protect.snapshot_keys,
-        protect_images=spec.protect.base_images,
-        grace_period=spec.timing.grace_period,
-        stale_after=spec.timing.stale_after,
-        max_task_age=spec.timing.max_task_age,
-        max_deletions_per_pass=spec.limits.max_deletions_per_pass,
-    )
     metrics = overrides.metrics_address or (spec.metrics.address if spec.metrics.enabled else None)
     return Settings(
         store=Path(store),
         ctr=ctr,
-        plan=plan,
+        spec=spec,
         max_passes=overrides.max_passes or spec.limits.max_passes,
         interval=spec.timing.interval,
         worker_names=spec.worker.process_names,
-        policy=policy,
         policy_path=Path(policy_path) if policy_path else None,
         metrics_address=None if metrics == "off" else metrics,
         measure_bytes=spec.metrics.measure_bytes,

@@ -12,25 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from controller.adapters.containerd import ContainerdActuator
-from controller.adapters.ctr import Outcome, Result
-from controller.adapters.logs import Reporter
-from controller.model.plan import ObjectKind, Plan
+from controller.core.ports import ContainerdPort, Reporter, StorePort
+from controller.model.outcome import ActionResult, Outcome, Result
+from controller.model.plan import Kind, Plan
 from controller.model.records import TaskStatus
-
-
-class StoreActuator(Protocol):
-    def remove_tmp_entry(self, entry_id: str) -> Result: ...
-
-    def remove_cache_tmp(self, name: str) -> Result: ...
-
-
-@dataclass(frozen=True)
-class ActionResult:
-    kind: ObjectKind
-    name: str
-    outcome: Outcome
-    message: str = ""
 
 
 class Guard(Protocol):
@@ -53,13 +38,13 @@ class PassResult:
 
     def failures(self) -> list[ActionResult]:
         """What should have gone and did not (an object that changed since it was planned is not one)."""
-        return [r for r in self.results if not r.outcome.done and r.outcome is not Outcome.CHANGED]
+        return [r for r in self.results if r.outcome.failure]
 
 
 def execute(
     plan: Plan,
-    containerd: ContainerdActuator,
-    store: StoreActuator,
+    containerd: ContainerdPort,
+    store: StorePort,
     reporter: Reporter | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     guard: Guard | None = None,
@@ -72,9 +57,9 @@ def execute(
     each confirmed by the guard right before its removal."""
     report = reporter or Reporter()
     out = PassResult()
-    reasons: dict[tuple[ObjectKind, str], str] = {}
+    reasons: dict[tuple[Kind, str], str] = {}
 
-    def record(kind: ObjectKind, name: str, result: Result) -> None:
+    def record(kind: Kind, name: str, result: Result) -> None:
         out.results.append(ActionResult(kind, name, result.outcome, result.message))
         if result.outcome.done:
             report.removed(kind, name, reasons.get((kind, name), ""), result.outcome)
@@ -84,7 +69,7 @@ def execute(
     def remove_containers() -> None:
         """Kill and delete their tasks, then the containers."""
         for c in plan.containers:
-            reasons[("container", c.id)] = c.reason
+            reasons[(Kind.CONTAINER, c.id)] = c.reason
         with_task = [c.id for c in plan.containers if c.task is not TaskStatus.ABSENT]
         if should_stop():
             return
@@ -95,7 +80,7 @@ def execute(
             task = task_results.get(cid)
             if not result.outcome.done and task is not None and not task.outcome.done:
                 result = Result(result.outcome, f"{result.message} (deleting its task: {task.message})")
-            record("container", cid, result)
+            record(Kind.CONTAINER, cid, result)
 
     # Snapshots go leaves first. A parent whose child failed this pass would only fail
     # too (and cut the batch short), so it waits for the next pass.
@@ -109,7 +94,7 @@ def execute(
                 return
             keys = []
             for key in level:
-                reasons[("snapshot", key)] = plan.snapshot_reasons.get(key, "")
+                reasons[(Kind.SNAPSHOT, key)] = plan.snapshot_reasons.get(key, "")
                 if key in blocked:
                     child, outcome = blocked[key]
                     # A child re-created under us is a live build's: its parent is not stuck, it changed.
@@ -118,7 +103,7 @@ def execute(
                         if outcome is Outcome.CHANGED
                         else f"waiting for its child {child}"
                     )
-                    record("snapshot", key, Result(outcome, why))
+                    record(Kind.SNAPSHOT, key, Result(outcome, why))
                     failed.add(key)
                     block_parent(key, outcome)
                 else:
@@ -137,7 +122,7 @@ def execute(
             out.recheck_windows.append(time.monotonic() - started)
         for key in keys:
             result = results[key]
-            record("snapshot", key, result)
+            record(Kind.SNAPSHOT, key, result)
             if not result.outcome.done:
                 failed.add(key)
                 block_parent(key, Outcome.CHANGED if result.outcome is Outcome.CHANGED else Outcome.NOT_TRIED)
@@ -168,19 +153,19 @@ def execute(
     for t in plan.tmp_entries:
         if should_stop():
             return out
-        reasons[("result-tmp", t.id)] = t.reason
+        reasons[(Kind.RESULT_TMP, t.id)] = t.reason
         waiting = [k for k in t.after if k in failed]
         if waiting:
-            record("result-tmp", t.id, Result(Outcome.NOT_TRIED, f"waiting for snapshot {', '.join(waiting)}"))
+            record(Kind.RESULT_TMP, t.id, Result(Outcome.NOT_TRIED, f"waiting for snapshot {', '.join(waiting)}"))
             continue
-        record("result-tmp", t.id, store.remove_tmp_entry(t.id))
+        record(Kind.RESULT_TMP, t.id, store.remove_tmp_entry(t.id))
 
     # 4. cache-tmp/ leftovers (boot only; the planner decides).
     for leftover in plan.cache_tmp:
         if should_stop():
             return out
-        reasons[("cache-tmp", leftover.name)] = leftover.reason
-        record("cache-tmp", leftover.name, store.remove_cache_tmp(leftover.name))
+        reasons[(Kind.CACHE_TMP, leftover.name)] = leftover.reason
+        record(Kind.CACHE_TMP, leftover.name, store.remove_cache_tmp(leftover.name))
     return out
 
 

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from controller.adapters.ctr import Outcome, Result
 from controller.core.planner import plan as make_plan
+from controller.model.outcome import Outcome, Result
 from controller.model.plan import Mode, Plan, PlanOptions
 from controller.model.records import Observation
 

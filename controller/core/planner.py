@@ -1,8 +1,15 @@
 """The planner: a pure function from what was observed to what one pass removes.
 
 No I/O, no clock, no logging: ``plan(observation, options, now, mode)`` reads the
-records and returns a :class:`~controller.model.plan.Plan`. It applies DESIGN.md's keep
-rules; everything owned and not kept is an orphan, removed leaves first.
+records and returns a :class:`~controller.model.plan.Plan`. It applies DESIGN.md's
+keep rules; everything owned and not kept is an orphan, removed leaves first.
+
+Each keep rule is a small function that claims snapshot keys, each claim a
+``(key, rule, reason)``. The claims are merged by :data:`KEEP_PRIORITY`: when several
+rules keep one snapshot, the one earliest in that tuple explains it, whatever order
+the rules run in, so ``--explain`` gives one answer. The ancestors of everything kept
+are kept (:attr:`Rule.ANCESTOR`); grace applies last, to what nothing else keeps, so
+only those snapshots are asked their age.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import ntpath
 import posixpath
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
@@ -21,13 +28,28 @@ from controller.model.plan import (
     CacheTmpRemoval,
     ContainerRemoval,
     Decision,
+    Kind,
     Mode,
     Plan,
     PlanOptions,
+    Rule,
     StoreDrift,
     TmpRemoval,
 )
 from controller.model.records import Container, Observation, StoreEntry, TaskStatus, container_identity
+
+#: Which rule explains a snapshot that several keep: the first of these that claims it.
+KEEP_PRIORITY: tuple[Rule, ...] = (
+    Rule.CONTAINER,
+    Rule.RESULT,
+    Rule.LIVE_BUILD,
+    Rule.UNREADABLE,
+    Rule.PROTECTED,
+    Rule.FOREIGN_CHILD,
+    Rule.ANCESTOR,
+    Rule.GRACE,
+)
+_RANK = {rule: n for n, rule in enumerate(KEEP_PRIORITY)}
 
 _WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:|\\\\)|\\")
 _LIVE_TASK = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING, TaskStatus.CREATED})
@@ -54,166 +76,193 @@ def path_identity(path: str) -> str:
     return posixpath.normpath(path)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A keep rule's verdict on one snapshot key."""
+
+    key: str
+    rule: Rule
+    reason: str
+
+
 @dataclass
-class _Keep:
-    """The kept set as it grows: key -> (rule, reason), first rule wins."""
+class _World:
+    """The observation, indexed once for the rules."""
 
+    observation: Observation
+    options: PlanOptions
+    now: datetime
+    mode: Mode
+    parent_of: dict[str, str | None]
     owned: set[str]
-    why: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Which build each layer folder and each key belongs to (for containers).
+    folder_owner: dict[str, StoreEntry]
+    key_owner: dict[str, StoreEntry]
+    kept_containers: list[Container] = field(default_factory=list)
+    leftover_containers: list[Container] = field(default_factory=list)
+    #: ``area/id`` of the builds a kept container uses: live whatever their age.
+    used_entries: set[str] = field(default_factory=set)
+    live_tmp: list[StoreEntry] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    #: When something kept only for now (grace, staleAfter) may change its verdict.
+    wake: list[datetime] = field(default_factory=list)
 
-    def add(self, key: str, rule: str, reason: str) -> None:
-        if key in self.owned and key not in self.why:
-            self.why[key] = (rule, reason)
+
+# -- the keep rules ---------------------------------------------------------------------
+
+
+def keep_what_kept_containers_use(w: _World) -> Iterator[Claim]:
+    """Rule 4: a kept container keeps its snapshot, and the build whose folder it runs on."""
+    for c in w.kept_containers:
+        if c.snapshot_key:
+            yield Claim(c.snapshot_key, Rule.CONTAINER, f"container {c.id} uses it as its snapshot")
+        for folder, user in _builds_run_on(c, w.folder_owner):
+            why = f"container {c.id} runs on its folder {folder} ({user.area}/{user.id})"
+            for key in _active_and_committed(user):
+                yield Claim(key, Rule.CONTAINER, why)
+
+
+def keep_results(w: _World) -> Iterator[Claim]:
+    """Rule 1: a finished result keeps its committed snapshot."""
+    for e in w.observation.store.results:
+        if e.layerinfo_error is None:
+            for key in e.snapshot_keys:
+                yield Claim(key + "-committed", Rule.RESULT, f"result/{e.id} exists (its snapshot is {key})")
+
+
+def keep_live_builds(w: _World) -> Iterator[Claim]:
+    """Rule 2: a live build keeps its active and committed snapshot."""
+    for e in w.live_tmp:
+        for key in e.snapshot_keys:
+            for k in (key, key + "-committed"):
+                yield Claim(k, Rule.LIVE_BUILD, f"result-tmp/{e.id} is a live build")
+
+
+def keep_what_unreadable_layerinfo_could_name(w: _World) -> Iterator[Claim]:
+    """We cannot know which snapshot such an entry names: every key OBuilder could have used stays.
+
+    At boot an interrupted build's is removed instead (its keys are OBuilder's derived ones).
+    """
+    for e in (*w.observation.store.results, *w.observation.store.tmp):
+        if e.layerinfo_error is None or (e.area == "result-tmp" and w.mode is Mode.BOOT):
+            continue
+        why = f"{e.area}/{e.id} has an unreadable layerinfo; kept until a human looks"
+        for key in e.fallback_keys:
+            yield Claim(key, Rule.UNREADABLE, why)
+            yield Claim(key + "-committed", Rule.UNREADABLE, why)
+
+
+def keep_protected(w: _World) -> Iterator[Claim]:
+    """Rule 3: the policy protects keys by glob and base images by reference."""
+    owned = sorted(w.owned)
+    for pattern in w.options.protect_keys:
+        matched = [k for k in owned if fnmatchcase(k, pattern)]
+        for k in matched:
+            yield Claim(k, Rule.PROTECTED, f"protected by snapshotKeys glob {pattern!r}")
+        if not matched:
+            w.warnings.append(f"protection rule snapshotKeys {pattern!r} matches no snapshot")
+    for ref in w.options.protect_images:
+        base = base_image_key(ref)
+        found = [k for k in (base, base + "-committed") if k in w.owned]
+        for k in found:
+            yield Claim(k, Rule.PROTECTED, f"protected base image {ref}")
+        if not found:
+            w.warnings.append(f"protection rule baseImages {ref!r} ({base}) matches no snapshot")
+
+
+def keep_parents_of_foreign_snapshots(w: _World) -> Iterator[Claim]:
+    """An owned snapshot under one we do not own cannot go without touching it."""
+    for s in w.observation.containerd.snapshots:
+        if s.key not in w.owned and s.parent in w.owned:
+            yield Claim(s.parent, Rule.FOREIGN_CHILD, f"snapshot {s.key}, which we do not own, is its child")
+
+
+def keep_young(w: _World, kept: set[str], unaged: list[str]) -> Iterator[Claim]:
+    """Rule 6, daemon only: OBuilder prepares a snapshot before it writes the layerinfo.
+
+    Age is containerd's Created, not when we first saw the key: keys are deleted and
+    re-created (build ids repeat), and a re-created key must get a fresh grace period.
+    A snapshot whose age was not read is kept and listed in ``unaged``.
+    """
+    if w.mode is not Mode.DAEMON:
+        return
+    created_of = {s.key: s.created for s in w.observation.containerd.snapshots}
+    grace = w.options.grace_period
+    for k in sorted(w.owned - kept):
+        created = created_of.get(k)
+        if created is None:
+            unaged.append(k)
+            yield Claim(k, Rule.GRACE, "its age is not read yet (containerd's Created); asked before removal")
+        elif w.now - created < grace:
+            w.wake.append(created + grace)
+            yield Claim(k, Rule.GRACE, f"created {_age(w.now - created)} ago, less than gracePeriod {grace}")
+
+
+#: The rules that keep for good (grace keeps only for now, and comes last).
+RULES = (
+    keep_what_kept_containers_use,
+    keep_results,
+    keep_live_builds,
+    keep_what_unreadable_layerinfo_could_name,
+    keep_protected,
+    keep_parents_of_foreign_snapshots,
+)
+
+
+def merge(claims: Iterable[Claim], owned: set[str]) -> dict[str, Claim]:
+    """One claim a key: the best-ranked rule's, the first such claim among equals."""
+    best: dict[str, Claim] = {}
+    for c in claims:
+        if c.key in owned and (c.key not in best or _RANK[c.rule] < _RANK[best[c.key].rule]):
+            best[c.key] = c
+    return best
+
+
+def with_ancestors(kept: dict[str, Claim], parent_of: dict[str, str | None], owned: set[str]) -> dict[str, Claim]:
+    """Rule 5: the owned ancestors of everything kept, each explained by the best-ranked root below it."""
+    out = dict(kept)
+    walked: set[str] = set()
+    for root in sorted(kept.values(), key=lambda c: _RANK[c.rule]):
+        key = parent_of.get(root.key)
+        while key is not None and key not in out and key not in walked:
+            walked.add(key)
+            if key in owned:
+                out[key] = Claim(key, Rule.ANCESTOR, f"ancestor of {root.key} (kept: {root.rule})")
+            key = parent_of.get(key)
+    return out
+
+
+# -- the plan ------------------------------------------------------------------------------
 
 
 def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mode) -> Plan:
-    store, cd, history = observation.store, observation.containerd, observation.history
+    store, cd = observation.store, observation.containerd
     parent_of = {s.key: s.parent for s in cd.snapshots}
     owned = {k for k in parent_of if k.startswith(options.snapshot_prefix)}
-    keep = _Keep(owned=owned)
-    decisions: list[Decision] = []
-    warnings: list[str] = []
-    #: When something kept only for now (grace, staleAfter) may change its verdict.
-    wake: list[datetime] = []
-
-    # Containers first: which are kept decides rules 2 and 4.
-    task_of = {t.id: t.status for t in cd.tasks}
-    kept_containers: list[Container] = []
-    leftover_containers: list[Container] = []
-    removals: list[ContainerRemoval] = []
-    for c in sorted(cd.containers, key=lambda c: c.id):
-        if not c.id.startswith(options.container_prefix):
-            continue
-        status = task_of.get(c.id, TaskStatus.ABSENT)
-        idle_since = history.containers_idle_since.get(container_identity(c))
-        rule, reason = _judge_container(c, status, options, now, mode, idle_since)
-        if rule == "grace":
-            wake.append((idle_since or now) + options.grace_period)
-        if rule == "leftover":
-            removals.append(ContainerRemoval(id=c.id, task=status, reason=reason))
-            leftover_containers.append(c)
-        else:
-            kept_containers.append(c)
-        decisions.append(Decision(kind="container", name=c.id, keep=rule != "leftover", rule=rule, reason=reason))
-
-    # Which build each layer folder belongs to, for containers that name folders, not keys.
-    entries = (*store.results, *store.tmp)
     folder_owner: dict[str, StoreEntry] = {}
     key_owner: dict[str, StoreEntry] = {}
-    for e in entries if cd.containers else ():  # only containers ask
+    for e in (*store.results, *store.tmp) if cd.containers else ():  # only containers ask
         if e.layerinfo is not None and e.layerinfo.source:
             folder_owner.setdefault(path_identity(e.layerinfo.source), e)
         for key in e.snapshot_keys:
             key_owner.setdefault(key, e)
+    w = _World(observation, options, now, mode, parent_of, owned, folder_owner, key_owner)
 
-    # Rule 4: kept containers keep what they use; they also keep their build live.
-    used_entries: set[str] = set()
-    for c in kept_containers:
-        if c.snapshot_key:
-            keep.add(c.snapshot_key, "container", f"container {c.id} uses it as its snapshot")
-        for folder, user in _builds_run_on(c, folder_owner):
-            used_entries.add(f"{user.area}/{user.id}")
-            why = f"container {c.id} runs on its folder {folder} ({user.area}/{user.id})"
-            for key in _active_and_committed(user):
-                keep.add(key, "container", why)
-        if c.snapshot_key in key_owner:
-            user = key_owner[c.snapshot_key]
-            used_entries.add(f"{user.area}/{user.id}")
+    removals = _judge_containers(w)
+    tmp_removals, key_to_tmp = _judge_tmp_entries(w)
 
-    # What leftover containers use waits for them to go (Windows holds a running
-    # container's layers open); every other orphan may go while they are removed.
-    pinned_by_containers = {c.snapshot_key for c in leftover_containers if c.snapshot_key}
-    containers_first = False
-    for c in leftover_containers:
-        builds = _builds_run_on(c, folder_owner)
-        for _, user in builds:
-            pinned_by_containers.update(_active_and_committed(user))
-        # A folder no build names (its result-tmp/ entry is gone) could be any
-        # orphan's: then nothing goes until the containers have.
-        containers_first |= len(builds) < len(_run_folders(c))
-
-    # Rule 1: finished results keep their committed snapshot.
-    for e in store.results:
-        if e.layerinfo_error is not None:
-            decisions.append(_keep_unreadable(e, keep, warnings))
-            continue
-        for key in e.snapshot_keys:
-            keep.add(key + "-committed", "result", f"result/{e.id} exists (its snapshot is {key})")
-
-    # Rule 2: live builds keep both their active and committed snapshot.
-    tmp_removals: list[TmpRemoval] = []
-    key_to_tmp: dict[str, StoreEntry] = {}
-    for e in store.tmp:
-        for key in e.snapshot_keys:
-            key_to_tmp[key] = key_to_tmp[key + "-committed"] = e
-        name = f"result-tmp/{e.id}"
-        if e.layerinfo_error is not None and mode is Mode.DAEMON:
-            decisions.append(_keep_unreadable(e, keep, warnings))
-            continue
-        if e.layerinfo_error is not None:
-            warnings.append(f"unreadable layerinfo (removed with the keys OBuilder derives): {e.layerinfo_error}")
-        live, reason = _judge_tmp(e, name in used_entries, options, now, mode)
-        if live and mode is Mode.DAEMON and name not in used_entries:
-            wake.append((e.changed_at or now) + options.stale_after)
-        if live:
-            for key in e.snapshot_keys:
-                keep.add(key, "live-build", f"{name} is a live build")
-                keep.add(key + "-committed", "live-build", f"{name} is a live build")
-        else:
-            after = tuple(k for key in e.snapshot_keys for k in (key, key + "-committed") if k in owned)
-            tmp_removals.append(TmpRemoval(id=e.id, after=after, reason=reason))
-        decisions.append(
-            Decision(
-                kind="result-tmp", name=e.id, keep=live, rule="live-build" if live else "interrupted", reason=reason
-            )
-        )
-
-    # Rule 3: the policy protects keys by glob and base images by reference.
-    for pattern in options.protect_keys:
-        matched = [k for k in owned if fnmatchcase(k, pattern)]
-        for k in matched:
-            keep.add(k, "protected", f"protected by snapshotKeys glob {pattern!r}")
-        if not matched:
-            warnings.append(f"protection rule snapshotKeys {pattern!r} matches no snapshot")
-    for ref in options.protect_images:
-        base = base_image_key(ref)
-        found = [k for k in (base, base + "-committed") if k in owned]
-        for k in found:
-            keep.add(k, "protected", f"protected base image {ref}")
-        if not found:
-            warnings.append(f"protection rule baseImages {ref!r} ({base}) matches no snapshot")
-
-    # Owned snapshots under a snapshot we do not own cannot go without touching it.
-    for s in cd.snapshots:
-        if s.key not in owned and s.parent in owned:
-            keep.add(s.parent, "foreign-child", f"snapshot {s.key}, which we do not own, is its child")
-
-    # Rule 5 for what is kept so far, so their ancestors are not asked their age below.
-    _keep_ancestors(keep, parent_of)
-
-    # Rule 6: in daemon mode OBuilder prepares a snapshot before it writes layerinfo.
-    # Age is containerd's Created, not when we first saw the key: keys are deleted and
-    # re-created (build ids repeat), and a re-created key must get a fresh grace period.
+    kept = with_ancestors(merge((c for rule in RULES for c in rule(w)), owned), parent_of, owned)
     unaged: list[str] = []
-    created_of = {s.key: s.created for s in cd.snapshots}
-    if mode is Mode.DAEMON:
-        for k in sorted(owned - keep.why.keys()):
-            created = created_of.get(k)
-            if created is None:
-                unaged.append(k)
-                keep.add(k, "grace", "its age is not read yet (containerd's Created); asked before removal")
-            elif now - created < options.grace_period:
-                keep.add(k, "grace", f"created {_age(now - created)} ago, less than gracePeriod {options.grace_period}")
-                wake.append(created + options.grace_period)
+    young = merge(keep_young(w, set(kept), unaged), owned)
+    # Their ancestors too, up to the first one something else keeps (it has its reason already).
+    kept.update(with_ancestors(young, {k: p for k, p in parent_of.items() if p not in kept}, owned))
 
-    # Rule 5: the ancestors of anything kept.
-    _keep_ancestors(keep, parent_of)
-
+    orphans = owned - kept.keys()
     children: dict[str, list[str]] = defaultdict(list)
     for k, p in parent_of.items():
         if p is not None:
             children[p].append(k)
-    orphans = owned - keep.why.keys()
     levels = _levels_leaves_first(orphans, children, parent_of)
     removal_reason = {k: _orphan_reason(k, key_to_tmp, mode) for k in orphans}
     flat = [k for level in levels for k in level]
@@ -226,37 +275,121 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
         levels = [level for level in levels if level]
 
     # Kept snapshots only: an orphan's decision is its reason in the plan (decision_for).
-    for k in sorted(owned & keep.why.keys()):
-        rule, reason = keep.why[k]
-        decisions.append(Decision(kind="snapshot", name=k, keep=True, rule=rule, reason=reason))
-
+    w.decisions += [
+        Decision(kind=Kind.SNAPSHOT, name=k, keep=True, rule=kept[k].rule, reason=kept[k].reason) for k in sorted(kept)
+    ]
     cache_tmp: tuple[CacheTmpRemoval, ...] = ()
     if mode is Mode.BOOT:
         why = "boot: cache-tmp/ only holds leftovers when the worker is not running"
         cache_tmp = tuple(CacheTmpRemoval(name=n, reason=why) for n in sorted(store.cache_tmp))
-        decisions += [
-            Decision(kind="cache-tmp", name=n, keep=False, rule="leftover", reason=why) for n in sorted(store.cache_tmp)
+        w.decisions += [
+            Decision(kind=Kind.CACHE_TMP, name=n, keep=False, rule=Rule.LEFTOVER, reason=why)
+            for n in sorted(store.cache_tmp)
         ]
-
+    pinned, containers_first = _pinned_by_leftover_containers(w)
+    created_of = {s.key: s.created for s in cd.snapshots}
     return Plan(
         mode=mode,
         containers=tuple(removals),
         snapshot_levels=tuple(tuple(level) for level in levels),
         snapshot_reasons=removal_reason,
         snapshot_parents={k: parent_of[k] for level in levels for k in level},
-        snapshot_created={k: c for k, c in created_of.items() if c is not None and k in removal_reason}
+        snapshot_created={k: c for k in removal_reason if (c := created_of.get(k)) is not None}
         if mode is Mode.DAEMON
         else {},
         unaged=tuple(unaged),
-        pinned=tuple(sorted(pinned_by_containers & orphans)),
+        pinned=tuple(sorted(pinned & orphans)),
         containers_first=containers_first,
         tmp_entries=tuple(tmp_removals),
         cache_tmp=cache_tmp,
         deferred=deferred,
-        decisions=tuple(decisions),
+        decisions=tuple(w.decisions),
         drift=_drift(observation, set(parent_of)),
-        warnings=tuple(warnings),
-        requeue_after=max(min(wake) - now, timedelta(0)) if wake else None,
+        warnings=tuple(w.warnings),
+        requeue_after=max(min(w.wake) - now, timedelta(0)) if w.wake else None,
+    )
+
+
+def _judge_containers(w: _World) -> list[ContainerRemoval]:
+    """Which containers stay (a live build's) and which are leftovers; kept ones mark their builds used."""
+    cd, options, history = w.observation.containerd, w.options, w.observation.history
+    task_of = {t.id: t.status for t in cd.tasks}
+    removals: list[ContainerRemoval] = []
+    for c in sorted(cd.containers, key=lambda c: c.id):
+        if not c.id.startswith(options.container_prefix):
+            continue
+        status = task_of.get(c.id, TaskStatus.ABSENT)
+        idle_since = history.containers_idle_since.get(container_identity(c))
+        rule, reason = _judge_container(c, status, options, w.now, w.mode, idle_since)
+        if rule is Rule.GRACE:
+            w.wake.append((idle_since or w.now) + options.grace_period)
+        if rule is Rule.LEFTOVER:
+            removals.append(ContainerRemoval(id=c.id, task=status, reason=reason))
+            w.leftover_containers.append(c)
+        else:
+            w.kept_containers.append(c)
+            w.used_entries.update(f"{user.area}/{user.id}" for _, user in _builds_run_on(c, w.folder_owner))
+            if c.snapshot_key in w.key_owner:
+                user = w.key_owner[c.snapshot_key]
+                w.used_entries.add(f"{user.area}/{user.id}")
+        w.decisions.append(
+            Decision(kind=Kind.CONTAINER, name=c.id, keep=rule is not Rule.LEFTOVER, rule=rule, reason=reason)
+        )
+    return removals
+
+
+def _judge_tmp_entries(w: _World) -> tuple[list[TmpRemoval], dict[str, StoreEntry]]:
+    """Each result-tmp/ entry: a live build (its keys kept) or interrupted/stale (removed after its keys)."""
+    removals: list[TmpRemoval] = []
+    key_to_tmp: dict[str, StoreEntry] = {}
+    for e in w.observation.store.tmp:
+        for key in e.snapshot_keys:
+            key_to_tmp[key] = key_to_tmp[key + "-committed"] = e
+        name = f"result-tmp/{e.id}"
+        if e.layerinfo_error is not None and w.mode is Mode.DAEMON:
+            w.decisions.append(_unreadable(e))
+            w.warnings.append(f"unreadable layerinfo: {e.layerinfo_error}")
+            continue
+        if e.layerinfo_error is not None:
+            w.warnings.append(f"unreadable layerinfo (removed with the keys OBuilder derives): {e.layerinfo_error}")
+        live, reason = _judge_tmp(e, name in w.used_entries, w.options, w.now, w.mode)
+        if live and w.mode is Mode.DAEMON and name not in w.used_entries:
+            w.wake.append((e.changed_at or w.now) + w.options.stale_after)
+        if live:
+            w.live_tmp.append(e)
+        else:
+            after = tuple(k for key in e.snapshot_keys for k in (key, key + "-committed") if k in w.owned)
+            removals.append(TmpRemoval(id=e.id, after=after, reason=reason))
+        rule = Rule.LIVE_BUILD if live else Rule.INTERRUPTED
+        w.decisions.append(Decision(kind=Kind.RESULT_TMP, name=e.id, keep=live, rule=rule, reason=reason))
+    for e in w.observation.store.results:
+        if e.layerinfo_error is not None:
+            w.decisions.append(_unreadable(e))
+            w.warnings.append(f"unreadable layerinfo: {e.layerinfo_error}")
+    return removals, key_to_tmp
+
+
+def _pinned_by_leftover_containers(w: _World) -> tuple[set[str], bool]:
+    """What leftover containers use waits for them to go (Windows holds a running container's
+    layers open); every other orphan may go while they are removed. A folder no build names
+    could be any orphan's: then nothing goes until the containers have."""
+    pinned = {c.snapshot_key for c in w.leftover_containers if c.snapshot_key}
+    containers_first = False
+    for c in w.leftover_containers:
+        builds = _builds_run_on(c, w.folder_owner)
+        for _, user in builds:
+            pinned.update(_active_and_committed(user))
+        containers_first |= len(builds) < len(_run_folders(c))
+    return pinned, containers_first
+
+
+def _unreadable(e: StoreEntry) -> Decision:
+    return Decision(
+        kind=Kind(e.area),
+        name=e.id,
+        keep=True,
+        rule=Rule.UNREADABLE,
+        reason=f"{e.area}/{e.id}: {e.layerinfo_error}; kept with its snapshots until a human looks",
     )
 
 
@@ -288,21 +421,21 @@ def _judge_container(
     now: datetime,
     mode: Mode,
     since: datetime | None,
-) -> tuple[str, str]:
+) -> tuple[Rule, str]:
     task = "no task" if status is TaskStatus.ABSENT else f"task {status.value.lower()}"
     if mode is Mode.BOOT:
         return (
-            "leftover",
+            Rule.LEFTOVER,
             f"boot: the worker is not running, so this container ({task}) is left over from an interrupted build",
         )
     if status in _LIVE_TASK:
         age = now - c.created_at if c.created_at else None
         if options.max_task_age is not None and age is not None and age > options.max_task_age:
-            return "leftover", f"{task} for {age}, longer than maxTaskAge {options.max_task_age}"
-        return "running", f"{task}: a live build is never disturbed"
+            return Rule.LEFTOVER, f"{task} for {age}, longer than maxTaskAge {options.max_task_age}"
+        return Rule.RUNNING, f"{task}: a live build is never disturbed"
     if since is None or now - since < options.grace_period:
-        return "grace", f"{task}, but for less than the grace period {options.grace_period}"
-    return "leftover", f"{task} for longer than the grace period {options.grace_period}"
+        return Rule.GRACE, f"{task}, but for less than the grace period {options.grace_period}"
+    return Rule.LEFTOVER, f"{task} for longer than the grace period {options.grace_period}"
 
 
 def _judge_tmp(e: StoreEntry, used: bool, options: PlanOptions, now: datetime, mode: Mode) -> tuple[bool, str]:
@@ -319,33 +452,6 @@ def _judge_tmp(e: StoreEntry, used: bool, options: PlanOptions, now: datetime, m
     if e.changed_at is None or now - e.changed_at < options.stale_after:
         return True, f"{name} changed less than staleAfter {options.stale_after} ago"
     return False, f"{name} unchanged for longer than staleAfter {options.stale_after} and no container uses it"
-
-
-def _keep_unreadable(e: StoreEntry, keep: _Keep, warnings: list[str]) -> Decision:
-    # We cannot know which snapshot the entry names, so we keep every key OBuilder
-    # would have used for it and never delete on a guess.
-    why = f"{e.area}/{e.id} has an unreadable layerinfo; kept until a human looks"
-    for key in e.fallback_keys:
-        keep.add(key, "unreadable-layerinfo", why)
-        keep.add(key + "-committed", "unreadable-layerinfo", why)
-    warnings.append(f"unreadable layerinfo: {e.layerinfo_error}")
-    return Decision(
-        kind=e.area,
-        name=e.id,
-        keep=True,
-        rule="unreadable-layerinfo",
-        reason=f"{e.area}/{e.id}: {e.layerinfo_error}; kept with its snapshots until a human looks",
-    )
-
-
-def _keep_ancestors(keep: _Keep, parent_of: dict[str, str | None]) -> None:
-    walked: set[str] = set()
-    for root, (rule, _) in list(keep.why.items()):
-        key = parent_of.get(root)
-        while key is not None and key not in walked:
-            walked.add(key)
-            keep.add(key, "ancestor", f"ancestor of {root} (kept: {rule})")
-            key = parent_of.get(key)
 
 
 def _levels_leaves_first(
@@ -399,3 +505,6 @@ def _drift(observation: Observation, present: set[str]) -> StoreDrift:
 
 def _sorted(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(items))
+
+
+__all__: Sequence[str] = ("KEEP_PRIORITY", "RULES", "Claim", "base_image_key", "merge", "path_identity", "plan")

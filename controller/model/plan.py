@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal
 
 from pydantic import Field
 
+from controller.model.policy import ReconcilePolicySpec
 from controller.model.records import Record, TaskStatus
 
 
@@ -33,18 +33,44 @@ DRIFT_KINDS = (
     "stuck",
 )
 
-ObjectKind = Literal["snapshot", "container", "result", "result-tmp", "cache-tmp"]
+
+class Kind(StrEnum):
+    """The kinds of object a plan judges."""
+
+    SNAPSHOT = "snapshot"
+    CONTAINER = "container"
+    RESULT = "result"
+    RESULT_TMP = "result-tmp"
+    CACHE_TMP = "cache-tmp"
+
+
+class Rule(StrEnum):
+    """Why an object stays or goes; ``--explain`` names it."""
+
+    # Keep rules for snapshots (their priority is the planner's KEEP_PRIORITY).
+    CONTAINER = "container"
+    RESULT = "result"
+    LIVE_BUILD = "live-build"
+    UNREADABLE = "unreadable-layerinfo"
+    PROTECTED = "protected"
+    FOREIGN_CHILD = "foreign-child"
+    ANCESTOR = "ancestor"
+    GRACE = "grace"
+    # Containers and store entries.
+    RUNNING = "running"
+    LEFTOVER = "leftover"
+    INTERRUPTED = "interrupted"
+    # What is not kept.
+    ORPHAN = "orphan"
 
 
 class Decision(Record):
     """Why one object stays or goes: the answer to ``--explain``."""
 
-    kind: ObjectKind
+    kind: Kind
     name: str
     keep: bool
-    #: Short rule name: ``result``, ``live-build``, ``protected``, ``container``,
-    #: ``ancestor``, ``grace``, ``foreign-child``, ``unreadable-layerinfo``, ``orphan``...
-    rule: str
+    rule: Rule
     reason: str
 
 
@@ -154,7 +180,7 @@ class Plan(Record):
             "stuck": 0,
         }
 
-    def kept(self, kind: ObjectKind) -> list[Decision]:
+    def kept(self, kind: Kind) -> list[Decision]:
         """The decisions to keep objects of ``kind``."""
         return [d for d in self.decisions if d.keep and d.kind == kind]
 
@@ -162,22 +188,45 @@ class Plan(Record):
         found = [d for d in self.decisions if d.name == name]
         if name in self.snapshot_reasons:
             found.append(
-                Decision(kind="snapshot", name=name, keep=False, rule="orphan", reason=self.snapshot_reasons[name])
+                Decision(
+                    kind=Kind.SNAPSHOT, name=name, keep=False, rule=Rule.ORPHAN, reason=self.snapshot_reasons[name]
+                )
             )
         return found
 
 
-class PlanOptions(Record):
-    """What the planner needs to know beyond the observation: ownership, protection, timing."""
+_DEFAULTS = ReconcilePolicySpec()
 
-    snapshot_prefix: str = "obuilder-"
-    container_prefix: str = "obuilder-run-"
+
+class PlanOptions(Record):
+    """What the planner needs to know beyond the observation: ownership, protection, timing.
+
+    Every default is the policy model's (:class:`ReconcilePolicySpec`), the one home of defaults.
+    """
+
+    snapshot_prefix: str = _DEFAULTS.ownership.snapshot_prefix
+    container_prefix: str = _DEFAULTS.ownership.container_prefix
     #: Globs (fnmatch, case-sensitive) over snapshot keys that are never removed.
-    protect_keys: tuple[str, ...] = ()
+    protect_keys: tuple[str, ...] = _DEFAULTS.protect.snapshot_keys
     #: Base image references, protected as ``obuilder-base-SHA256`` and its ``-committed``.
-    protect_images: tuple[str, ...] = ()
-    grace_period: timedelta = timedelta(minutes=10)
-    stale_after: timedelta = timedelta(hours=6)
+    protect_images: tuple[str, ...] = _DEFAULTS.protect.base_images
+    grace_period: timedelta = _DEFAULTS.timing.grace_period
+    stale_after: timedelta = _DEFAULTS.timing.stale_after
     #: Daemon mode: a running task older than this is killed. None: never.
-    max_task_age: timedelta | None = None
+    max_task_age: timedelta | None = _DEFAULTS.timing.max_task_age
+    #: None: no limit (boot removes everything; the daemon paces itself with the policy's).
     max_deletions_per_pass: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec: ReconcilePolicySpec, mode: Mode) -> PlanOptions:
+        return cls(
+            snapshot_prefix=spec.ownership.snapshot_prefix,
+            container_prefix=spec.ownership.container_prefix,
+            protect_keys=spec.protect.snapshot_keys,
+            protect_images=spec.protect.base_images,
+            grace_period=spec.timing.grace_period,
+            stale_after=spec.timing.stale_after,
+            max_task_age=spec.timing.max_task_age,
+            # A daemon paces itself beside a worker; at boot, remove it all.
+            max_deletions_per_pass=spec.limits.max_deletions_per_pass if mode is Mode.DAEMON else None,
+        )

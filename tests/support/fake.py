@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from controller.adapters.ctr import Outcome, Result
+from controller.core.ports import Clock, Ports, Reporter
+from controller.model.outcome import Outcome, Result
 from controller.model.records import Container, ContainerdState, Snapshot, StoreState, Task, TaskStatus
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -28,6 +29,8 @@ class FakeContainerd:
     phantom_children: set[str] = field(default_factory=set)
     #: containerd's Created of each snapshot (``snapshots info``); a key without one reads as epoch 0.
     created: dict[str, datetime] = field(default_factory=dict)
+    #: Bytes each snapshot holds (``snapshots usage``).
+    sizes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_state(cls, state: ContainerdState) -> FakeContainerd:
@@ -45,6 +48,10 @@ class FakeContainerd:
             containers=tuple(self.containers.values()),
             tasks=tuple(Task(id=i, status=s) for i, s in self.tasks.items()),
         )
+
+    def usage(self, keys: Sequence[str]) -> dict[str, int]:
+        self.calls += 1
+        return {k: self.sizes.get(k, 0) for k in keys if k in self.parents}
 
     def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
         self.calls += len(keys)
@@ -106,8 +113,16 @@ class FakeStore:
     state: StoreState
     removed: list[str] = field(default_factory=list)
 
+    @staticmethod
+    def empty() -> StoreState:
+        return StoreState(root="/store")
+
     def observe(self) -> StoreState:
         return self.state
+
+    def has_entry(self, area: str, entry_id: str) -> bool:
+        entries = self.state.results if area == "result" else self.state.tmp
+        return any(e.id == entry_id for e in entries)
 
     def remove_tmp_entry(self, entry_id: str) -> Result:
         before = len(self.state.tmp)
@@ -122,3 +137,27 @@ class FakeStore:
         self.state = self.state.model_copy(update={"cache_tmp": rest})
         self.removed.append(f"cache-tmp/{name}")
         return Result(Outcome.REMOVED if found else Outcome.NOT_FOUND)
+
+
+@dataclass
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    at: datetime
+
+    def now(self) -> datetime:
+        return self.at
+
+    def advance(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
+def fake_ports(
+    containerd: FakeContainerd, store: FakeStore, clock: Clock | None = None, reporter: Reporter | None = None
+) -> Ports:
+    return Ports(
+        containerd=containerd,
+        store=store,
+        reporter=reporter or Reporter(),
+        clock=clock or FakeClock(datetime(2026, 11, 29, tzinfo=UTC)),
+    )

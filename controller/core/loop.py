@@ -1,0 +1,165 @@
+"""The daemon's loop: decides when a pass runs. It alone owns time.
+
+It runs a pass at start-up and whenever something asks for one (``trigger``: the
+store changed, the policy was reloaded), at the resync interval, and when the last
+pass asked to come back (a grace period or ``staleAfter`` running out, or at once
+while passes still remove things). Passes never overlap: triggers that arrive during
+a pass coalesce into one more pass. A pass that fails is reported and retried with
+capped, jittered exponential backoff; the loop goes on. ``request_stop`` lets the
+action under way finish, then the loop returns.
+
+Ports and the clock come from outside, and so does the way a pass is run (a worker
+thread in the daemon, inline in tests), so the whole loop runs in tests against an
+in-memory world on a virtual clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import threading
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import anyio
+
+from controller.core.passes import PassOptions, error_report, one_pass
+from controller.core.ports import Ports
+from controller.model.errors import CtrError, ReconcileError
+from controller.model.outcome import PassReport
+from controller.model.plan import Mode
+from controller.model.records import History
+
+#: Backoff after a failed pass: 1 s doubling to 2 minutes, each delay jittered down by up to half.
+BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
+
+RunSync = Callable[[Callable[[], PassReport]], Awaitable[PassReport]]
+
+
+def backoff(failures: int, rng: random.Random) -> float:
+    delay: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** max(failures - 1, 0))
+    return delay * (0.5 + rng.random() / 2)
+
+
+async def in_a_thread(fn: Callable[[], PassReport]) -> PassReport:
+    """A pass blocks on ctr and the disk: off the event loop, which keeps serving signals and HTTP."""
+    return await anyio.to_thread.run_sync(fn)
+
+
+class Loop:
+    def __init__(
+        self,
+        ports: Ports,
+        options: PassOptions,
+        interval: timedelta,
+        *,
+        run_sync: RunSync = in_a_thread,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.ports = ports
+        self.interval = interval
+        self.run_sync = run_sync
+        self.rng = rng or random.Random()
+        #: Read by the executor between actions (from its thread), so the action under way finishes.
+        self.stopping = threading.Event()
+        self.options = replace(options, mode=Mode.DAEMON, should_stop=self.stopping.is_set)
+        self.history = History()
+        self.passes = 0
+        self.last: PassReport | None = None
+        #: Made when the loop runs (an event needs a running event loop).
+        self._wake: anyio.Event | None = None
+        #: Why the next pass runs, when something asked for it.
+        self._why: str | None = "start-up"
+
+    def reconfigure(self, ports: Ports, options: PassOptions, interval: timedelta) -> None:
+        """A reloaded policy: the next pass uses it."""
+        self.ports = ports
+        self.options = replace(options, mode=Mode.DAEMON, should_stop=self.stopping.is_set)
+        self.interval = interval
+
+    def trigger(self, why: str) -> None:
+        if self._why is None:  # the first reason since the last pass is the one told
+            self._why = why
+        if self._wake is not None:
+            self._wake.set()
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self) -> None:
+        failures = 0
+        next_in = self.interval.total_seconds()
+        self._wake = anyio.Event()
+        if self._why is not None:
+            self._wake.set()
+        while not self.stopping.is_set():
+            with anyio.move_on_after(next_in):
+                await self._wake.wait()
+            if self.stopping.is_set():
+                return
+            why, self._why = self._why or "resync interval or requeue", None
+            self._wake = anyio.Event()  # triggers from now on ask for one more pass
+            self.passes += 1
+            started = self.ports.clock.now()
+            try:
+                report = await self.run_sync(functools.partial(self._pass, why))
+            except Exception as e:
+                failures += 1
+                next_in = backoff(failures, self.rng)
+                self._failed(started, e, why, next_in)
+                continue
+            failures = 0
+            self.history = report.history or self.history
+            self.last = report
+            next_in = self._next_in(report)
+
+    def _pass(self, why: str) -> PassReport:
+        return one_pass(self.ports, self.options, self.history, self.passes, why=why)
+
+    def _next_in(self, report: PassReport) -> float:
+        interval = self.interval.total_seconds()
+        if report.requeue_after is None:
+            return interval
+        # A little after the moment, so the grace period has surely run out by then.
+        return min(interval, report.requeue_after + (0.05 if report.requeue_after else 0.0))
+
+    def _failed(self, started: datetime, error: Exception, why: str, retry_in: float) -> None:
+        known = isinstance(error, ReconcileError)
+        report = error_report(
+            self.passes,
+            Mode.DAEMON,
+            started,
+            self.ports.clock.now(),
+            str(error) if known else f"{type(error).__name__}: {error}",
+            containerd_up=not isinstance(error, CtrError),
+            prior=self.last,
+        ).model_copy(
+            update={
+                "trigger": why,
+                "retry_in": round(retry_in, 3),
+                # A bug or an OS error nobody foresaw: where it happened is worth the lines.
+                "traceback": None if known else "".join(traceback.format_exception(error)),
+            }
+        )
+        self.last = report
+        # A full disk must not stop the loop; the next pass reports again.
+        with contextlib.suppress(OSError):
+            self.ports.reporter.pass_finished(report)
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: the last pass succeeded, within two resync intervals."""
+        last = self.last
+        if last is None:
+            return False, "no pass has finished yet"
+        if last.outcome != "success":
+            return False, f"the last pass failed: {last.error}"
+        age = (self.ports.clock.now() - last.time).total_seconds()
+        limit = 2 * self.interval.total_seconds()
+        if age > limit:
+            return False, f"the last successful pass ended {age:.0f} s ago (limit {limit:.0f} s)"
+        return True, f"ready: last pass {age:.0f} s ago"

@@ -1,0 +1,276 @@
+"""One pass, the same in both modes: observe, plan, act, report. And ``--once``: passes until done.
+
+Level-triggered: every pass looks at both sides from scratch, so an action that
+failed or an object that appeared meanwhile is simply seen again. ``one_pass``
+returns one :class:`PassReport` and gives it to every reporter; the daemon's loop
+calls it when something asks for a pass, ``run_once`` repeats it until a pass plans
+nothing (converged), removes nothing (another would only fail the same way), or the
+pass limit is reached.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from controller.core.executor import PassResult, execute
+from controller.core.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
+from controller.core.ports import Ports
+from controller.model.outcome import ActionResult, Outcome, PassReport, RunReport, Stuck
+from controller.model.plan import Kind, Mode, Plan, PlanOptions, Rule
+from controller.model.records import ContainerdState, History, Observation, TaskStatus, container_identity
+
+_LIVE = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING, TaskStatus.CREATED})
+_DRIFT_OF_ACTION = {
+    Kind.SNAPSHOT: "orphan_snapshots",
+    Kind.CONTAINER: "leftover_containers",
+    Kind.RESULT_TMP: "stale_result_tmp",
+}
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    plan: PlanOptions
+    mode: Mode
+    #: Measure the disk orphans hold (one more containerd call that walks them).
+    measure_bytes: bool = False
+    #: Plan only: observe and plan, change nothing.
+    dry_run: bool = False
+    #: Daemon: snapshots checked and removed together (see controller.core.identity).
+    recheck_batch: int = RECHECK_BATCH
+    #: Asked before each action: a stop finishes the action under way, not the pass.
+    should_stop: Callable[[], bool] = field(default=lambda: False, compare=False)
+
+
+def remember(history: History, containerd: ContainerdState, now: datetime) -> History:
+    """The daemon's memory, brought up to date with one observation.
+
+    Since when each container (by id and creation time: ids repeat) has had no live
+    task; containers that are gone are forgotten. Snapshots need no memory: their age
+    is containerd's Created.
+    """
+    live = {t.id for t in containerd.tasks if t.status in _LIVE}
+    idle = {}
+    for c in containerd.containers:
+        if c.id not in live:
+            identity = container_identity(c)
+            idle[identity] = history.containers_idle_since.get(identity, now)
+    return History(containers_idle_since=idle)
+
+
+def one_pass(
+    ports: Ports, options: PassOptions, history: History, number: int, *, why: str | None = None
+) -> PassReport:
+    """Observe both sides, plan, act (unless a dry run), and report. Errors propagate."""
+    started = ports.clock.now()
+    calls = ports.containerd.calls
+    mode = options.mode
+    # containerd before the store: a build that starts after the listing is not in it, and one
+    # that starts before it (prepare, then result-tmp/) is in both or young; what changes after
+    # is caught by the re-check before each removal (daemon).
+    containerd = ports.containerd.observe()
+    store = ports.store.observe()
+    now = ports.clock.now()
+    history = remember(history, containerd, now)
+    observation = Observation(store=store, containerd=containerd, history=history)
+    plan = plan_with_ages(observation, options.plan, now, mode, ports.containerd)
+    orphans = [*plan.snapshots, *plan.deferred]
+    sizes = (ports.containerd.usage(orphans) if orphans else {}) if options.measure_bytes else None
+    result = PassResult()
+    if not options.dry_run:
+        ports.reporter.pass_started(number, plan)
+        guard = None
+        if mode is Mode.DAEMON:
+            guard = RemovalGuard(ports.containerd, ports.store.has_entry, prefix=options.plan.snapshot_prefix)
+        result = execute(
+            plan,
+            ports.containerd,
+            ports.store,
+            ports.reporter,
+            options.should_stop,
+            guard=guard,
+            batch=options.recheck_batch,
+        )
+    ended = ports.clock.now()
+    report = _report(plan, result, observation, number, options, ended, (ended - started).total_seconds(), sizes)
+    report = report.model_copy(update={"ctr_calls": ports.containerd.calls - calls, "history": history, "trigger": why})
+    if not options.dry_run:
+        ports.reporter.pass_finished(report)
+    return report
+
+
+def run_once(
+    ports: Ports,
+    options: PassOptions,
+    *,
+    max_passes: int = 10,
+    before_pass: Callable[[], None] | None = None,
+) -> RunReport:
+    """Passes until converged (or, with ``dry_run``, one look). ``before_pass`` is called before
+    each pass that may act; whatever it raises ends the run."""
+    started = ports.clock.now()
+    calls = ports.containerd.calls
+    history = History()
+    reports: list[PassReport] = []
+
+    def look(number: int, dry_run: bool) -> PassReport:
+        nonlocal history
+        pass_options = options if options.dry_run == dry_run else _dry(options, dry_run)
+        if not dry_run and before_pass is not None:
+            before_pass()
+        report = one_pass(ports, pass_options, history, number)
+        history = report.history or history
+        reports.append(report)
+        return report
+
+    limit_hit = False
+    if options.dry_run:
+        look(1, True)
+    else:
+        for number in range(1, max_passes + 1):
+            report = look(number, False)
+            if report.planned_total == 0:
+                break
+            if report.progress == 0:
+                # Nothing moved (what it planned failed, or was gone already): one more look,
+                # without acting, says whether anything is left.
+                look(number + 1, True)
+                break
+        else:
+            # Every pass made progress: one more look, without acting, says where it stands.
+            limit_hit = look(max_passes + 1, True).planned_total > 0
+    last = reports[-1]
+    converged = last.planned_total == 0
+    stuck: list[Stuck] = []
+    if not converged and not options.dry_run:
+        stuck = _stuck(reports, limit_hit, max_passes)
+    assert last.plan is not None
+    stuck += [
+        Stuck(kind=d.kind, name=d.name, reason=d.reason) for d in last.plan.decisions if d.rule is Rule.UNREADABLE
+    ]
+    return RunReport(
+        passes=tuple(reports),
+        converged=converged,
+        stuck=tuple(stuck),
+        seconds=round((ports.clock.now() - started).total_seconds(), 3),
+        ctr_calls=ports.containerd.calls - calls,
+    )
+
+
+def error_report(number: int, mode: Mode, started: datetime, now: datetime, error: str, *, containerd_up: bool,
+                 prior: PassReport | None) -> PassReport:  # fmt: skip
+    """A pass that failed as a whole: what it left is what the last one left."""
+    return PassReport(
+        number=number,
+        mode=mode,
+        time=now,
+        seconds=(now - started).total_seconds(),
+        outcome="error",
+        error=error,
+        containerd_up=containerd_up,
+        drift=prior.drift if prior else {},
+        backlog=prior.backlog if prior else 0,
+        stuck=prior.stuck if prior else (),
+        owned=prior.owned if prior else {},
+    )
+
+
+def _dry(options: PassOptions, dry_run: bool) -> PassOptions:
+    return PassOptions(options.plan, options.mode, options.measure_bytes, dry_run, options.recheck_batch,
+                       options.should_stop)  # fmt: skip
+
+
+def _report(
+    plan: Plan,
+    result: PassResult,
+    observation: Observation,
+    number: int,
+    options: PassOptions,
+    now: datetime,
+    seconds: float,
+    sizes: dict[str, int] | None,
+) -> PassReport:
+    results = result.results
+    counts = PassReport.counts(results)
+    drift = plan.drift_counts()
+    for r in results:
+        kind = _DRIFT_OF_ACTION.get(r.kind)
+        if kind is not None and r.outcome.done:
+            drift[kind] -= 1
+    failures = result.failures()
+    drift["stuck"] = len(failures)
+    done = {r.name for r in results if r.kind is Kind.SNAPSHOT and r.outcome.done}
+    orphans = {*plan.snapshots, *plan.deferred}
+    kept = plan.kept(Kind.SNAPSHOT)
+    if sum(counts["removed"].values()) or plan.deferred:
+        requeue: float | None = 0.0  # level-triggered: look again at once until nothing moves
+    else:
+        requeue = plan.requeue_after.total_seconds() if plan.requeue_after is not None else None
+    return PassReport(
+        number=number,
+        mode=plan.mode,
+        time=now,
+        seconds=round(seconds, 3),
+        dry_run=options.dry_run,
+        planned=_planned(plan),
+        removed=counts["removed"],
+        already_gone=counts["already_gone"],
+        failed=counts["failed"],
+        changed=sum(1 for r in results if r.outcome is Outcome.CHANGED),
+        stuck=tuple(_diagnose(r, observation, done, plan.mode) for r in failures),
+        drift=drift,
+        backlog=len(plan.deferred) + sum(1 for d in kept if d.rule is Rule.GRACE),
+        store_drift=plan.drift,
+        owned={
+            "snapshot": len(kept) + len(orphans),
+            "container": len(plan.kept(Kind.CONTAINER)) + len(plan.containers),
+        },
+        kept_snapshots=len(kept),
+        warnings=plan.warnings,
+        requeue_after=requeue,
+        recheck_window=round(max(result.recheck_windows), 4) if result.recheck_windows else None,
+        orphan_bytes=None if sizes is None else sum(v for k, v in sizes.items() if k in orphans and k not in done),
+        reclaimed_bytes=None if sizes is None else sum(v for k, v in sizes.items() if k in done),
+        plan=plan,
+    )
+
+
+def _planned(plan: Plan) -> dict[str, int]:
+    return {
+        Kind.CONTAINER.value: len(plan.containers),
+        Kind.SNAPSHOT.value: sum(len(level) for level in plan.snapshot_levels),
+        Kind.RESULT_TMP.value: len(plan.tmp_entries),
+        Kind.CACHE_TMP.value: len(plan.cache_tmp),
+    }
+
+
+def _diagnose(failure: ActionResult, observation: Observation, removed: set[str], mode: Mode) -> Stuck:
+    """Why an object that should have gone is still there."""
+    reason = failure.message or failure.outcome.value
+    if failure.outcome is Outcome.HAS_CHILD:
+        children = defaultdict(set)
+        for s in observation.containerd.snapshots:
+            if s.parent is not None:
+                children[s.parent].add(s.key)
+        if children[failure.name] <= removed:
+            since = "; or a build started on it since this pass looked" if mode is Mode.DAEMON else ""
+            reason = (
+                "containerd says it still has a child, but lists none (a known containerd bug; "
+                f"restarting containerd clears it{since}): {failure.message}"
+            )
+    return Stuck(kind=failure.kind, name=failure.name, reason=reason)
+
+
+def _stuck(reports: list[PassReport], limit_hit: bool, max_passes: int) -> list[Stuck]:
+    """What the run leaves, and why: the last acting pass's failures, or the pass limit."""
+    acting = [r for r in reports if not r.dry_run]
+    failed = {(s.kind, s.name): s for s in acting[-1].stuck} if acting else {}
+    last = reports[-1]
+    if not limit_hit or last.plan is None:
+        return list(failed.values())
+    p = last.plan
+    names = [(Kind.CONTAINER, c.id) for c in p.containers] + [(Kind.SNAPSHOT, k) for k in p.snapshots]
+    names += [(Kind.RESULT_TMP, t.id) for t in p.tmp_entries] + [(Kind.CACHE_TMP, c.name) for c in p.cache_tmp]
+    return [failed.get(n) or Stuck(kind=n[0], name=n[1], reason=f"pass limit ({max_passes}) reached") for n in names]

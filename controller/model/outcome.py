@@ -1,0 +1,218 @@
+"""What happened: to one object (:class:`Result`), in one pass (:class:`PassReport`), in one run.
+
+Purely data. A removal's :class:`Result` comes back from an adapter; the executor
+turns each into an :class:`ActionResult`; a pass folds them, with its plan, into
+one frozen :class:`PassReport`, the record every reporter (log, progress bar,
+status file, metrics) receives, in both modes. ``--once`` is a sequence of passes:
+:class:`RunReport`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from controller.model.plan import DRIFT_KINDS, Kind, Mode, Plan, StoreDrift
+from controller.model.records import History, Record
+
+#: The kinds of object a pass removes, in the order it removes them.
+ACTION_KINDS = (Kind.CONTAINER, Kind.SNAPSHOT, Kind.RESULT_TMP, Kind.CACHE_TMP)
+
+
+class Outcome(StrEnum):
+    """What became of one object a removal named."""
+
+    REMOVED = "removed"
+    #: Already gone: an idempotent removal counts this as done.
+    NOT_FOUND = "not-found"
+    #: containerd refused because the snapshot still has a child: retry after it.
+    HAS_CHILD = "has-child"
+    #: Not attempted: an earlier key of the same ``snapshots rm`` call failed, or a child did.
+    NOT_TRIED = "not-tried"
+    #: Not attempted: the object changed since it was planned (a snapshot re-created
+    #: under the same key, a store entry for its build appeared). The next pass judges it.
+    CHANGED = "changed"
+    FAILED = "failed"
+
+    @property
+    def done(self) -> bool:
+        return self in (Outcome.REMOVED, Outcome.NOT_FOUND)
+
+    @property
+    def failure(self) -> bool:
+        """Should have gone and did not (an object that changed under us is not a failure)."""
+        return not self.done and self is not Outcome.CHANGED
+
+
+@dataclass(frozen=True)
+class Result:
+    """An adapter's answer for one object."""
+
+    outcome: Outcome
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    kind: Kind
+    name: str
+    outcome: Outcome
+    message: str = ""
+
+
+class Stuck(Record):
+    """An object that should have gone and did not, and why."""
+
+    kind: Kind
+    name: str
+    reason: str
+
+
+def _by_kind(results: Iterable[ActionResult], keep: Iterable[Outcome]) -> dict[str, int]:
+    wanted = set(keep)
+    counts = Counter(r.kind.value for r in results if r.outcome in wanted)
+    return {k.value: counts.get(k.value, 0) for k in ACTION_KINDS}
+
+
+class PassReport(Record):
+    """One pass: what it planned, did, failed and left. The status file is one of these."""
+
+    number: int
+    mode: Mode
+    #: When the pass ended.
+    time: datetime
+    seconds: float
+    outcome: Literal["success", "error"] = "success"
+    error: str | None = None
+    containerd_up: bool = True
+    dry_run: bool = False
+    planned: dict[str, int] = Field(default_factory=dict)
+    removed: dict[str, int] = Field(default_factory=dict)
+    #: Planned but gone before we got there: done all the same.
+    already_gone: dict[str, int] = Field(default_factory=dict)
+    failed: dict[str, int] = Field(default_factory=dict)
+    #: Planned removals left alone because the object changed since it was planned.
+    changed: int = 0
+    stuck: tuple[Stuck, ...] = ()
+    #: Objects still out of agreement after the pass, by drift kind (see DRIFT_KINDS).
+    drift: dict[str, int] = Field(default_factory=dict)
+    #: Orphan snapshots waiting: deferred by maxDeletionsPerPass, or kept only by their grace period.
+    backlog: int = 0
+    store_drift: StoreDrift = StoreDrift()
+    owned: dict[str, int] = Field(default_factory=dict)
+    kept_snapshots: int = 0
+    warnings: tuple[str, ...] = ()
+    #: Daemon: come back after this many seconds (0: at once; None: at the next interval).
+    requeue_after: float | None = None
+    ctr_calls: int | None = None
+    #: Daemon: the longest time from a batch's last check to the end of its removal (seconds).
+    recheck_window: float | None = None
+    orphan_bytes: int | None = None
+    reclaimed_bytes: int | None = None
+    #: Daemon: what asked for this pass (start-up, a change in the store, the interval...).
+    trigger: str | None = None
+    #: A failed pass: when the loop tries again (seconds), and where an unforeseen error arose.
+    retry_in: float | None = None
+    traceback: str | None = Field(default=None, exclude=True, repr=False)
+    #: The pass's plan and the daemon's memory after it: for the loop and the CLI, not the status file.
+    plan: Plan | None = Field(default=None, exclude=True, repr=False)
+    history: History | None = Field(default=None, exclude=True, repr=False)
+
+    @property
+    def progress(self) -> int:
+        """Objects this pass removed."""
+        return sum(self.removed.values())
+
+    @property
+    def planned_total(self) -> int:
+        return sum(self.planned.values())
+
+    @staticmethod
+    def counts(results: Sequence[ActionResult]) -> dict[str, dict[str, int]]:
+        return {
+            "removed": _by_kind(results, [Outcome.REMOVED]),
+            "already_gone": _by_kind(results, [Outcome.NOT_FOUND]),
+            "failed": _by_kind(results, [o for o in Outcome if o.failure]),
+        }
+
+
+def empty_drift() -> dict[str, int]:
+    return dict.fromkeys(DRIFT_KINDS, 0)
+
+
+class RunReport(Record):
+    """``--once``: its passes, and how the run ended."""
+
+    passes: tuple[PassReport, ...]
+    converged: bool
+    #: What is still there and why: the last pass's failures, or the pass limit.
+    stuck: tuple[Stuck, ...] = ()
+    seconds: float = 0.0
+    ctr_calls: int | None = None
+
+    @property
+    def first(self) -> PassReport:
+        return self.passes[0]
+
+    @property
+    def last(self) -> PassReport:
+        return self.passes[-1]
+
+    @property
+    def dry_run(self) -> bool:
+        return self.first.dry_run
+
+    @property
+    def acted(self) -> int:
+        """Passes that had something to do (a pass that plans nothing only confirms)."""
+        return sum(1 for p in self.passes if p.planned_total and not p.dry_run)
+
+    def total(self, field: Literal["removed", "already_gone", "failed"]) -> dict[str, int]:
+        out = {k.value: 0 for k in ACTION_KINDS}
+        for p in self.passes:
+            for k, n in getattr(p, field).items():
+                out[k] = out.get(k, 0) + n
+        return out
+
+    @property
+    def orphan_bytes_at_start(self) -> int | None:
+        """What the orphans held before the run (``measureBytes``)."""
+        first = self.first
+        return None if first.orphan_bytes is None else first.orphan_bytes + (first.reclaimed_bytes or 0)
+
+    @property
+    def exit_code(self) -> int:
+        ok = self.converged and not self.stuck
+        if self.dry_run:
+            return 0 if ok else 3
+        return 0 if ok else 1
+
+    def as_status(self) -> PassReport:
+        """The whole run as one report, for the status file: totals, and the state it left."""
+        last = self.last
+        ok = self.exit_code == 0
+        return last.model_copy(
+            update={
+                "number": self.acted,
+                "seconds": round(self.seconds, 3),
+                "outcome": "success" if ok else "error",
+                "error": None if ok else f"did not converge: {len(self.stuck)} stuck",
+                "planned": self.first.planned,
+                "removed": self.total("removed"),
+                "already_gone": self.total("already_gone"),
+                "failed": self.total("failed"),
+                "changed": sum(p.changed for p in self.passes),
+                "stuck": self.stuck,
+                "drift": {**last.drift, "stuck": len(self.stuck)},
+                "ctr_calls": self.ctr_calls,
+                "reclaimed_bytes": (
+                    None if last.orphan_bytes is None else sum(p.reclaimed_bytes or 0 for p in self.passes)
+                ),
+            }
+        )

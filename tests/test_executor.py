@@ -1,0 +1,78 @@
+"""The executor: order of removals, leaves first, what waits for what, and stopping between actions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from controller.core.executor import execute
+from controller.core.planner import plan
+from controller.model.outcome import Outcome, Result
+from controller.model.plan import Mode, PlanOptions
+from controller.model.records import Container, Observation, StoreState, TaskStatus
+from tests.support.fake import FakeContainerd, FakeStore
+
+NOW = datetime(2026, 11, 29, tzinfo=UTC)
+
+
+def test_stopping_finishes_the_action_under_way_not_the_pass() -> None:
+    fake = FakeContainerd(parents={"obuilder-a": None, "obuilder-b": "obuilder-a", "obuilder-c": "obuilder-b"})
+    store = FakeStore(StoreState(root="/s"))
+    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
+    asked: list[int] = []
+
+    def stop_after_first_action() -> bool:
+        asked.append(1)
+        return len(asked) > 1  # the first level runs; stop before the second
+
+    result = execute(p, fake, store, should_stop=stop_after_first_action)
+    assert [r.name for r in result.results] == ["obuilder-c"]
+    assert set(fake.parents) == {"obuilder-a", "obuilder-b"}
+
+
+def test_orphans_no_container_uses_go_while_containers_are_removed_and_the_rest_after() -> None:
+    order: list[str] = []
+
+    class Recording(FakeContainerd):
+        def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]:
+            time.sleep(0.2)  # a task takes a moment to die
+            order.append("containers")
+            return super().remove_containers(ids)
+
+        def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
+            order.extend(keys)
+            return super().remove_snapshots(keys)
+
+    fake = Recording(
+        parents={"obuilder-free": None, "obuilder-used-committed": None, "obuilder-used": "obuilder-used-committed"},
+        containers={"obuilder-run-1": Container(id="obuilder-run-1", snapshot_key="obuilder-used")},
+        tasks={"obuilder-run-1": TaskStatus.STOPPED},
+    )
+    store = FakeStore(StoreState(root="/s"))
+    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
+    assert p.pinned == ("obuilder-used",)
+    result = execute(p, fake, store)
+    assert not result.failures()
+    assert order.index("obuilder-free") < order.index("containers") < order.index("obuilder-used")
+    assert order.index("obuilder-used") < order.index("obuilder-used-committed")
+    assert fake.parents == {}
+
+
+def test_a_failed_child_keeps_its_parent_for_the_next_pass() -> None:
+    fake = FakeContainerd(parents={"obuilder-p": None, "obuilder-c": "obuilder-p"})
+
+    class Refuses(FakeContainerd):
+        def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
+            if "obuilder-c" in keys:
+                return {k: Result(Outcome.FAILED, "the layer is in use") for k in keys}
+            return super().remove_snapshots(keys)
+
+    fake = Refuses(parents=fake.parents)
+    store = FakeStore(StoreState(root="/s"))
+    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
+    result = execute(p, fake, store)
+    outcome = {r.name: (r.outcome, r.message) for r in result.results}
+    assert outcome["obuilder-c"] == (Outcome.FAILED, "the layer is in use")
+    assert outcome["obuilder-p"] == (Outcome.NOT_TRIED, "waiting for its child obuilder-c")
+    assert set(fake.parents) == {"obuilder-p", "obuilder-c"}

@@ -1,0 +1,206 @@
+"""The daemon's loop against an in-memory world, on a virtual clock: no sleeps, no containerd.
+
+trio's MockClock jumps to the next deadline as soon as every task waits, so a grace
+period of ten minutes passes in microseconds, and each assertion reads the virtual
+time at which the loop acted.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import pytest
+from trio.testing import MockClock
+
+from controller.core.loop import Loop, backoff
+from controller.core.passes import PassOptions
+from controller.core.ports import Ports, Reporter
+from controller.model.errors import CtrError
+from controller.model.outcome import PassReport
+from controller.model.plan import Mode, PlanOptions
+from controller.model.records import ContainerdState, StoreState
+from tests.support.fake import FakeContainerd, FakeStore
+
+BASE = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+GRACE = timedelta(minutes=10)
+
+
+class VirtualClock:
+    """The wall clock of a world whose time is the event loop's (virtual under MockClock)."""
+
+    def now(self) -> datetime:
+        return BASE + timedelta(seconds=anyio.current_time())
+
+
+class Recorder(Reporter):
+    def __init__(self) -> None:
+        self.reports: list[tuple[float, PassReport]] = []
+
+    def pass_finished(self, report: PassReport) -> None:
+        self.reports.append((anyio.current_time(), report))
+
+
+async def inline(fn: Callable[[], PassReport]) -> PassReport:
+    return fn()
+
+
+def run_virtual(main: Callable[[], Awaitable[None]]) -> None:
+    anyio.run(main, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
+
+
+def loop_on(
+    fake: FakeContainerd, *, interval: timedelta = timedelta(hours=1), limit: int | None = None
+) -> tuple[Loop, Recorder]:
+    recorder = Recorder()
+    ports = Ports(containerd=fake, store=FakeStore(StoreState(root="/s")), reporter=recorder, clock=VirtualClock())
+    options = PassOptions(PlanOptions(grace_period=GRACE, max_deletions_per_pass=limit), Mode.DAEMON)
+    return Loop(ports, options, interval, run_sync=inline, rng=random.Random(3)), recorder
+
+
+async def until(loop: Loop, done: Callable[[], bool], *, within: float = 100_000) -> None:
+    """Run the loop until ``done`` holds (virtual seconds), then stop it."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(loop.run)
+        with anyio.fail_after(within):
+            while not done():
+                await anyio.sleep(0.5)  # virtual: polling costs no real time
+        loop.request_stop()
+
+
+def test_an_orphan_goes_as_soon_as_its_grace_period_ends_not_an_interval_later() -> None:
+    fake = FakeContainerd(parents={"obuilder-young": None}, created={"obuilder-young": BASE})
+    loop, seen = loop_on(fake)
+
+    async def main() -> None:
+        await until(loop, lambda: "obuilder-young" not in fake.parents)
+
+    run_virtual(main)
+    (t0, first), (t1, second) = seen.reports[:2]
+    assert (t0, first.progress, first.backlog) == (0, 0, 1)
+    assert first.requeue_after == GRACE.total_seconds()
+    assert second.progress == 1
+    assert GRACE.total_seconds() <= t1 < GRACE.total_seconds() + 1, "the loop came back when the grace ran out"
+
+
+def test_passes_follow_each_other_at_once_while_they_remove_and_then_wait_an_interval() -> None:
+    chain = {f"obuilder-{i}": (f"obuilder-{i - 1}" if i else None) for i in range(6)}
+    old = BASE - timedelta(days=1)
+    fake = FakeContainerd(parents=dict(chain), created=dict.fromkeys(chain, old))
+    loop, seen = loop_on(fake, interval=timedelta(minutes=5), limit=2)
+
+    async def main() -> None:
+        await until(loop, lambda: len(seen.reports) >= 5)
+
+    run_virtual(main)
+    times = [t for t, _ in seen.reports]
+    removed = [r.progress for _, r in seen.reports]
+    assert removed[:4] == [2, 2, 2, 0]
+    assert times[:4] == [0, 0, 0, 0], "level-triggered: it looks again at once while it removes"
+    assert times[4] == pytest.approx(300), "then the resync interval"
+    assert fake.parents == {}
+
+
+def test_triggers_during_a_pass_coalesce_into_one_more_and_passes_never_overlap() -> None:
+    holder: list[Loop] = []
+    running: list[bool] = []
+
+    class Busy(FakeContainerd):
+        def observe(self) -> ContainerdState:
+            assert not running, "two passes overlapped"
+            running.append(True)
+            try:
+                if holder[0].passes == 1:
+                    for n in range(20):  # a burst of store changes lands inside the first pass
+                        holder[0].trigger(f"burst {n}")
+                return super().observe()
+            finally:
+                running.pop()
+
+    fake = Busy()
+    loop, seen = loop_on(fake)
+    holder.append(loop)
+
+    async def main() -> None:
+        await until(loop, lambda: bool(seen.reports) and anyio.current_time() > 10)
+
+    run_virtual(main)
+    assert [r.trigger for _, r in seen.reports] == ["start-up", "burst 0"]
+    assert [t for t, _ in seen.reports] == [0, 0]
+
+
+def test_a_failing_pass_is_reported_backs_off_and_the_loop_recovers() -> None:
+    failures = [CtrError(["ctr"], 1, "ctr: failed to dial: connection refused"), FileNotFoundError(2, "gone", "/s/x")]
+
+    class Flaky(FakeContainerd):
+        def observe(self) -> ContainerdState:
+            if failures:
+                raise failures.pop(0)
+            return super().observe()
+
+    fake = Flaky(parents={"obuilder-old": None}, created={"obuilder-old": BASE - timedelta(days=1)})
+    loop, seen = loop_on(fake)
+
+    async def main() -> None:
+        await until(loop, lambda: "obuilder-old" not in fake.parents)
+
+    run_virtual(main)
+    (t0, a), (t1, b), (t2, c) = seen.reports[:3]
+    assert (a.outcome, b.outcome, c.outcome) == ("error", "error", "success")
+    assert "connection refused" in (a.error or "") and not a.containerd_up
+    assert "FileNotFoundError" in (b.error or "") and b.traceback and b.containerd_up
+    rng = random.Random(3)
+    assert (t1 - t0, t2 - t1) == pytest.approx((backoff(1, rng), backoff(2, rng)))
+    assert c.progress == 1
+
+
+def test_backoff_doubles_is_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    delays = [backoff(n, rng) for n in range(1, 12)]
+    for n, d in zip(range(1, 12), delays, strict=True):
+        assert 0.5 * min(120, 2 ** (n - 1)) <= d <= min(120, 2 ** (n - 1))
+
+
+def test_stop_ends_the_loop_before_the_next_pass() -> None:
+    fake = FakeContainerd(parents={"obuilder-young": None}, created={"obuilder-young": BASE})
+    loop, seen = loop_on(fake)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop.run)
+            await anyio.sleep(60)
+            loop.request_stop()
+
+    run_virtual(main)
+    assert len(seen.reports) == 1 and "obuilder-young" in fake.parents
+
+
+def test_readiness_follows_the_last_pass() -> None:
+    down: list[bool] = []
+
+    class GoesDown(FakeContainerd):
+        def observe(self) -> ContainerdState:
+            if down:
+                raise CtrError(["ctr"], 1, "ctr: failed to dial: connection refused")
+            return super().observe()
+
+    fake = GoesDown()
+    loop, _ = loop_on(fake, interval=timedelta(minutes=1))
+    assert loop.ready() == (False, "no pass has finished yet")
+    answers: list[tuple[bool, str]] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop.run)
+            await anyio.sleep(1)
+            answers.append(loop.ready())
+            down.append(True)
+            await anyio.sleep(90)  # the next resync fails
+            answers.append(loop.ready())
+            loop.request_stop()
+
+    run_virtual(main)
+    assert answers[0][0] is True
+    assert answers[1] == (False, "the last pass failed: ctr: exit 1: ctr: failed to dial: connection refused")
