@@ -47,7 +47,8 @@ test-lines: system-deps setup
 
 lint: setup
 	$(BIN)/ruff check controller tests examples bench
-	$(BIN)/mypy controller
+	$(BIN)/mypy controller tests
+	$(BIN)/lint-imports
 
 demo: system-deps setup
 	$(BIN)/python examples/demo.py

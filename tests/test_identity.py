@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from controller.core.executor import execute
 from controller.core.identity import RemovalGuard, build_id_of, plan_with_ages
 from controller.model.outcome import Outcome
-from controller.model.plan import Mode, PlanOptions
+from controller.model.plan import Kind, Mode, PlanOptions
 from controller.model.records import Observation, StoreState
 from tests.support.fake import FakeContainerd, FakeStore
 
@@ -37,7 +37,7 @@ def test_a_key_recreated_a_minute_ago_gets_a_fresh_grace_period_whatever_its_nam
     obs = Observation(store=store.observe(), containerd=fake.observe())
     p = plan_with_ages(obs, OPTIONS, NOW, Mode.DAEMON, fake)
     assert p.snapshots == ("obuilder-y",)
-    kept = {d.name: d.reason for d in p.kept("snapshot")}
+    kept = {d.name: d.reason for d in p.kept(Kind.SNAPSHOT)}
     assert kept["obuilder-x"].startswith("created 60 s ago")
     assert p.requeue_after == timedelta(minutes=9)
     # Only what the plan would otherwise remove is asked its age (one ctr call a key).

@@ -53,7 +53,7 @@ def worlds(draw: st.DrawFn) -> tuple[Observation, PlanOptions, Mode]:
         build = key.removesuffix("-committed").removeprefix("obuilder-")
         info = LayerInfo(snapshot_key=key.removesuffix("-committed"), source=f"/snap/{build}", parent_layer_paths=())
         when = NOW - draw(st.sampled_from([timedelta(0), timedelta(days=1)]))
-        return StoreEntry(id=build, area=area, layerinfo=info, changed_at=when)  # type: ignore[arg-type]
+        return StoreEntry(id=build, area=area, layerinfo=info, changed_at=when)
 
     picked = draw(st.lists(st.sampled_from(committed), unique=True)) if committed else []
     results = [entry("result", k) for k in picked]

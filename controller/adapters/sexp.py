@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-Sexp = str | tuple["Sexp", ...]
-
 
 @dataclass(frozen=True, slots=True)
 class Node:
@@ -27,13 +25,6 @@ class Node:
     offset: int
     atom: str | None = None
     items: tuple[Node, ...] | None = None
-
-    def plain(self) -> Sexp:
-        """The value without positions: atoms as str, lists as tuples."""
-        if self.items is None:
-            assert self.atom is not None
-            return self.atom
-        return tuple(item.plain() for item in self.items)
 
 
 _BLANKS = b" \t\x0c\r\n"

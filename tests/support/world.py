@@ -145,12 +145,14 @@ class World:
         return keys
 
     def source_of(self, build_id: str) -> str:
-        from controller.adapters.store import layerinfo_candidates, read_layerinfo
-
+        """The layer folder a build's layerinfo names (read with a regex, not the product's reader)."""
         for area in ("result-tmp", "result"):
-            for candidate in layerinfo_candidates(self.root / area / build_id):
-                if candidate.exists():
-                    return read_layerinfo(candidate).source
+            for candidate in ("rootfs/layerinfo", "layerinfo"):
+                path = self.root / area / build_id / candidate
+                if path.exists():
+                    m = re.search(r"\(source ([^\s()]+)\)", path.read_text())
+                    assert m is not None, path
+                    return m.group(1)
         raise FileNotFoundError(build_id)
 
     # -- the leak ----------------------------------------------------------------
