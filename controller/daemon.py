@@ -39,7 +39,10 @@ def ports_for(settings: Settings, reporter: Reporter) -> Ports:
     """The real world: ctr against containerd, the store on disk, the wall clock."""
     options = settings.plan_options(Mode.DAEMON)
     containerd = CtrContainerd(Ctr(settings.ctr), container_prefix=options.container_prefix)
-    return Ports(containerd=containerd, store=FsStore(settings.store), reporter=reporter, clock=WallClock())
+    # The store is read as an informer would: parsed entries cached between passes, and a full
+    # read every resync interval.
+    store = FsStore(settings.store, resync=settings.interval.total_seconds())
+    return Ports(containerd=containerd, store=store, reporter=reporter, clock=WallClock())
 
 
 def pass_options(settings: Settings) -> PassOptions:

@@ -6,13 +6,16 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from controller.adapters.store import check_store, observe_store, read_db, read_layerinfo
+from controller.adapters.store import FsStore, check_store, observe_store, read_db, read_layerinfo
 from controller.model.errors import LayerinfoError, StoreSanityError
 from tests.support.world import create_store, layerinfo_text
 
@@ -146,7 +149,8 @@ def test_symlinked_entry_is_recorded_not_followed(tmp_path: Path) -> None:
     assert entry.is_link and entry.layerinfo is None
 
 
-def test_a_store_changing_under_the_scan_is_read_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [False, True], ids=["full reads", "cached reads"])
+def test_a_store_changing_under_the_scan_is_read_whole(tmp_path: Path, cached: bool) -> None:
     # A live worker ends builds (result-tmp/ID renamed to result/ID), cancels them and prunes
     # results while we read. No scan may fail, and none may miss a build that existed all along:
     # a missed one would make its snapshot look orphaned.
@@ -174,11 +178,12 @@ def test_a_store_changing_under_the_scan_is_read_whole(tmp_path: Path) -> None:
     thread = threading.Thread(target=worker)
     thread.start()
     scans = 0
+    store = FsStore(root, resync=3600)
     try:
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
             alive_from, alive_to = gone[0], created[0]
-            state = observe_store(root)
+            state = store.observe() if cached else observe_store(root)
             alive_from = gone[0]  # anything pruned during the scan may be missing
             seen = {e.id for e in (*state.results, *state.tmp)}
             missing = [f"b{i}" for i in range(alive_from, alive_to) if f"b{i}" not in seen]
@@ -228,3 +233,88 @@ def test_db_open_by_a_live_worker_is_read_through_its_wal(tmp_path: Path) -> Non
         assert [r.id for r in read_db(db)] == ["live"]
     finally:
         worker.close()
+
+
+# -- the read cache: a pass from the cache sees what a full read would --------------------------
+
+_IDS = ("a", "b", "c", "d")
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["start", "finish", "cancel", "prune", "rebuild", "row", "unrow"]), st.sampled_from(_IDS)
+    ),
+    max_size=25,
+)
+
+
+def _result(root: Path, build: str, key: str) -> None:
+    """OBuilder's way: result-tmp/ID with its layerinfo, renamed to result/ID."""
+    tmp = root / "result-tmp" / build
+    tmp.mkdir(exist_ok=True)
+    (tmp / "layerinfo").write_text(layerinfo_text(key, f"/snap/{key}", []))
+    os.rename(tmp, root / "result" / build)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=_OPS)
+def test_a_cached_look_sees_exactly_what_a_full_read_sees_on_a_store_that_changes(ops: list[tuple[str, str]]) -> None:
+    root = create_store(Path(tempfile.mkdtemp(prefix="obr-cache-")))
+    try:
+        store = FsStore(root, resync=3600)
+        store.observe()
+        generation = dict.fromkeys(_IDS, 0)
+        for op, build in ops:
+            result, tmp = root / "result" / build, root / "result-tmp" / build
+            if op == "start" and not tmp.exists():
+                tmp.mkdir()
+                (tmp / "layerinfo").write_text(layerinfo_text(f"obuilder-{build}", f"/snap/{build}", []))
+            elif op == "finish" and tmp.exists() and not result.exists():
+                os.rename(tmp, result)
+            elif op == "cancel" and tmp.exists():
+                shutil.rmtree(tmp)
+            elif op == "prune" and result.exists():
+                shutil.rmtree(result)
+            elif op == "rebuild" and result.exists():
+                # Pruned and rebuilt under the same id, its snapshot under another key this time.
+                # A real rebuild takes seconds; here at least a tick of the file clock.
+                shutil.rmtree(result)
+                time.sleep(0.01)
+                generation[build] += 1
+                _result(root, build, f"obuilder-{build}-v{generation[build]}")
+            elif op in ("row", "unrow"):
+                db = sqlite3.connect(root / "state" / "db" / "db.sqlite")
+                with db:
+                    if op == "row":
+                        db.execute("INSERT OR REPLACE INTO builds VALUES (?, '', '', 0, NULL)", (build,))
+                    else:
+                        db.execute("DELETE FROM builds WHERE id = ?", (build,))
+                db.close()
+            assert store.observe() == observe_store(root), (op, build)
+        assert store.cache is not None and store.cache.reads <= len(ops) + len(_IDS)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_cached_look_reads_only_what_changed(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    for n in range(50):
+        _result(root, f"r{n}", f"obuilder-r{n}")
+    store = FsStore(root, resync=3600)
+    first = store.observe()
+    assert store.cache is not None and (store.cache.reads, store.cache.hits) == (50, 0)
+    _result(root, "new", "obuilder-new")
+    second = store.observe()
+    assert (store.cache.reads, store.cache.hits) == (51, 50)
+    assert {e.id for e in second.results} - {e.id for e in first.results} == {"new"}
+
+
+def test_the_cache_is_dropped_at_each_resync(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    _result(root, "r", "obuilder-r")
+    now = [0.0]
+    store = FsStore(root, resync=300, clock=lambda: now[0])
+    store.observe()
+    store.observe()
+    assert store.cache is not None and store.cache.hits == 1
+    now[0] = 301
+    store.observe()
+    assert (store.cache.reads, store.cache.hits) == (1, 0), "a full read"

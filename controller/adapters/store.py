@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -96,20 +98,59 @@ def check_store(root: Path) -> None:
         raise StoreSanityError(f"{root} does not look like an OBuilder store ({'; '.join(problems)}); refusing to act")
 
 
-def observe_store(root: Path, *, busy_timeout: float = 5.0) -> StoreState:
+class ReadCache:
+    """What a full read parsed, kept for the next: an informer's cache for the store.
+
+    A ``result/ID`` is written once (renamed from ``result-tmp/``) and never changed in
+    place: an entry whose directory has the same inode, mtime and ctime as last time is
+    the same entry, and its parsed layerinfo is reused; one removed and re-created
+    (rebuilt under the same id) has a new ctime and is read again. The DB is read again
+    only when its file or its ``-wal`` changed. Every listing is still whole, so an
+    entry that appears or goes is always seen; ``result-tmp/`` entries (few, and
+    changing) are always read. The owner drops the cache at each resync for a full read.
+    """
+
+    def __init__(self) -> None:
+        self.results: dict[str, tuple[tuple[int, ...], StoreEntry]] = {}
+        self.db: tuple[tuple[int, ...], tuple[DbRow, ...]] | None = None
+        self.hits = 0
+        self.reads = 0
+
+
+def observe_store(root: Path, *, busy_timeout: float = 5.0, cache: ReadCache | None = None) -> StoreState:
     """Read result/, result-tmp/, cache-tmp/ and the DB. Checks sanity first."""
     check_store(root)
     # result-tmp/ before result/: a build that ends mid-scan moves its folder from the
     # first to the second, so it is seen in one of them or both, never in neither.
     tmp = tuple(_read_entries(root / "result-tmp", "result-tmp"))
-    results = tuple(_read_entries(root / "result", "result"))
+    results = tuple(_read_entries(root / "result", "result", cache))
     return StoreState(
         root=str(root),
         results=results,
         tmp=tmp,
         cache_tmp=tuple(sorted(_names(root / "cache-tmp"))),
-        db_rows=read_db(root.joinpath(*DB_PATH), busy_timeout=busy_timeout),
+        db_rows=_read_db_cached(root.joinpath(*DB_PATH), busy_timeout, cache),
     )
+
+
+def _read_db_cached(path: Path, busy_timeout: float, cache: ReadCache | None) -> tuple[DbRow, ...]:
+    if cache is None:
+        return read_db(path, busy_timeout=busy_timeout)
+    key = tuple(_stamp(path.with_name(path.name + suffix)) for suffix in ("", "-wal"))
+    flat = tuple(n for part in key for n in part)
+    if cache.db is not None and cache.db[0] == flat:
+        return cache.db[1]
+    rows = read_db(path, busy_timeout=busy_timeout)
+    cache.db = (flat, rows)
+    return rows
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return (-1, -1, -1)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def entry_exists(root: Path, area: str, entry_id: str) -> bool:
@@ -158,20 +199,39 @@ def _names(folder: Path) -> list[str]:
         raise StoreReadError(f"{folder}: {e.strerror or e}") from e
 
 
-def _read_entries(folder: Path, area: str) -> list[StoreEntry]:
-    entries = (_read_entry(folder / name, area) for name in sorted(_names(folder)))
-    return [e for e in entries if e is not None]
+def _read_entries(folder: Path, area: str, cache: ReadCache | None = None) -> list[StoreEntry]:
+    out = []
+    seen: dict[str, tuple[tuple[int, ...], StoreEntry]] = {}
+    for name in sorted(_names(folder)):
+        path = folder / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue  # went between the listing and the read: the store no longer has it
+        except OSError as e:
+            raise StoreReadError(f"{path}: {e.strerror or e}") from e
+        key = (st.st_ino, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+        entry: StoreEntry | None
+        if cache is not None and (known := cache.results.get(name)) is not None and known[0] == key:
+            entry = known[1]
+            cache.hits += 1
+        else:
+            entry = _read_entry(path, area, st)
+            if cache is not None:
+                cache.reads += 1
+        if entry is None:
+            continue
+        if cache is not None and entry.layerinfo_error is None:
+            seen[name] = (key, entry)
+        out.append(entry)
+    if cache is not None:
+        cache.results = seen  # entries that went are forgotten
+    return out
 
 
-def _read_entry(path: Path, area: str) -> StoreEntry | None:
-    """The entry, or None when it went between the listing and the read (the worker
-    pruned a result, or a build ended or was cancelled): the store no longer has it."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise StoreReadError(f"{path}: {e.strerror or e}") from e
+def _read_entry(path: Path, area: str, st: os.stat_result) -> StoreEntry | None:
+    """The entry, or None when it went while we read it (the worker pruned a result, or a
+    build ended or was cancelled): the store no longer has it."""
     link = platform.is_link(st)
     fields: dict[str, object] = {"id": path.name, "area": area, "is_link": link}
     if link or not stat.S_ISDIR(st.st_mode):
@@ -211,15 +271,32 @@ def _newest_change(path: Path, st: os.stat_result) -> datetime:
 
 
 class FsStore:
-    """The store on disk: the core's :class:`~controller.core.ports.StorePort`."""
+    """The store on disk: the core's :class:`~controller.core.ports.StorePort`.
 
-    def __init__(self, root: Path, *, busy_timeout: float = 5.0) -> None:
+    It keeps a :class:`ReadCache` between looks, dropped every ``resync`` seconds for a
+    full read (None: no cache, every look reads everything).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        busy_timeout: float = 5.0,
+        resync: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.root = root
         self.busy_timeout = busy_timeout
         self.cleaner = StoreCleaner(root)
+        self.resync = resync
+        self.clock = clock
+        self.cache: ReadCache | None = None
+        self._full_at = 0.0
 
     def observe(self) -> StoreState:
-        return observe_store(self.root, busy_timeout=self.busy_timeout)
+        if self.resync is not None and (self.cache is None or self.clock() - self._full_at >= self.resync):
+            self.cache, self._full_at = ReadCache(), self.clock()
+        return observe_store(self.root, busy_timeout=self.busy_timeout, cache=self.cache)
 
     def has_entry(self, area: str, entry_id: str) -> bool:
         return entry_exists(self.root, area, entry_id)
