@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import build_parser, resolve_settings
+from controller.cli import build_parser
 from controller.cli import main as cli_main
+from controller.commands import resolve_settings
 from controller.core.passes import PassOptions, run_once
 from controller.model.errors import WorkerRunningError
 from controller.model.outcome import Outcome, Result

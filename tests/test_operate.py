@@ -25,7 +25,7 @@ import pytest
 
 from controller.adapters.metrics import METRICS
 from controller.adapters.status import read_status
-from controller.cli import daemon_reporters
+from controller.commands import daemon_reporters
 from controller.core.ports import Reporter
 from controller.model.outcome import PassReport
 from controller.model.plan import Mode

@@ -202,21 +202,14 @@ def _names(folder: Path) -> list[str]:
 def _read_entries(folder: Path, area: str, cache: ReadCache | None = None) -> list[StoreEntry]:
     out = []
     seen: dict[str, tuple[tuple[int, ...], StoreEntry]] = {}
-    for name in sorted(_names(folder)):
-        path = folder / name
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            continue  # went between the listing and the read: the store no longer has it
-        except OSError as e:
-            raise StoreReadError(f"{path}: {e.strerror or e}") from e
+    for name, st in _listing(folder):
         key = (st.st_ino, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
         entry: StoreEntry | None
         if cache is not None and (known := cache.results.get(name)) is not None and known[0] == key:
             entry = known[1]
             cache.hits += 1
         else:
-            entry = _read_entry(path, area, st)
+            entry = _read_entry(folder / name, area, st)
             if cache is not None:
                 cache.reads += 1
         if entry is None:
@@ -226,6 +219,26 @@ def _read_entries(folder: Path, area: str, cache: ReadCache | None = None) -> li
         out.append(entry)
     if cache is not None:
         cache.results = seen  # entries that went are forgotten
+    return out
+
+
+def _listing(folder: Path) -> list[tuple[str, os.stat_result]]:
+    """Each entry's name and lstat, sorted; one that goes between the listing and its lstat is
+    left out (the store no longer has it). Plain strings, not Path objects: at thousands of
+    entries a pass spends its time building paths otherwise."""
+    out = []
+    try:
+        with os.scandir(folder) as it:
+            for item in it:
+                try:
+                    out.append((item.name, item.stat(follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise StoreReadError(f"{folder}: {e.strerror or e}") from e
+    out.sort(key=lambda pair: pair[0])
     return out
 
 

@@ -1,0 +1,104 @@
+"""Reading the store at worker scale, and starting the command: each against its baseline.
+
+    .venv/bin/python bench/store_scale.py [--results 5000] [--rounds 5]
+
+1. A store of N finished builds (``result/ID/layerinfo`` as Sexplib writes it, and a DB
+   row each): a full read (every layerinfo parsed: what every pass did before the read
+   cache) against a cached read in which nothing changed, and one after ten builds ended.
+   Medians over rounds; target: a read that finds nothing changed at most 0.07 s at 5,000.
+2. Start-up: ``reconcile --version`` and ``reconcile --help`` as processes, against a bare
+   ``python -c pass`` in the same run; target: at most 0.08 s more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from controller.adapters.store import FsStore, observe_store  # noqa: E402
+from tests.support.world import create_store, layerinfo_text  # noqa: E402
+
+
+def make_store(root: Path, results: int) -> Path:
+    create_store(root)
+    db = sqlite3.connect(root / "state" / "db" / "db.sqlite")
+    with db:
+        for n in range(results):
+            build = f"{n:064x}"
+            entry = root / "result" / build
+            entry.mkdir()
+            source = f"C:\\ProgramData\\containerd\\root\\io.containerd.snapshotter.v1.windows\\snapshots\\{n}"
+            (entry / "layerinfo").write_text(layerinfo_text(f"obuilder-{build}", source, [source + "-parent"]))
+            db.execute("INSERT INTO builds VALUES (?, '2026-11-30 00:00:00', '2026-11-30 00:00:00', 0, NULL)", (build,))
+    db.close()
+    return root
+
+
+def median_time(fn: Callable[[], object], rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def process_time(argv: list[str], rounds: int) -> float:
+    return median_time(lambda: subprocess.run(argv, capture_output=True, check=True), rounds)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="obr-store-"))
+    try:
+        root = make_store(work / "store", args.results)
+        full = median_time(lambda: observe_store(root), args.rounds)
+        store = FsStore(root, resync=3600)
+        store.observe()
+        cached = median_time(store.observe, args.rounds)
+
+        def ten_builds_end() -> None:
+            for i in range(10):
+                tmp = root / "result-tmp" / f"new{i}"
+                tmp.mkdir()
+                (tmp / "layerinfo").write_text(layerinfo_text(f"obuilder-new{i}", f"/s/{i}", []))
+                tmp.rename(root / "result" / f"new{i}")
+
+        ten_builds_end()
+        t0 = time.perf_counter()
+        store.observe()
+        after_ten = time.perf_counter() - t0
+        print(f"store of {args.results} results, medians of {args.rounds}:")
+        print(f"  full read (every layerinfo parsed)     {full:.3f} s   baseline")
+        print(f"  cached read, nothing changed           {cached:.3f} s   {cached / full:.3f} x  (target <= 0.07 s)")
+        print(f"  cached read after 10 builds ended      {after_ten:.3f} s   {after_ten / full:.3f} x")
+
+        python = sys.executable
+        bare = process_time([python, "-c", "pass"], args.rounds)
+        version = process_time([python, "-m", "controller", "--version"], args.rounds)
+        helped = process_time([python, "-m", "controller", "--help"], args.rounds)
+        print("start-up, medians:")
+        print(f"  python -c pass                         {bare:.3f} s   baseline")
+        print(f"  reconcile --version                    {version:.3f} s   +{version - bare:.3f} s  (target <= +0.08 s)")
+        print(f"  reconcile --help                       {helped:.3f} s   +{helped - bare:.3f} s")
+        return 0 if cached <= 0.07 and version - bare <= 0.08 else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
