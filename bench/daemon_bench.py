@@ -1,6 +1,11 @@
-"""Daemon: CPU while idle, and delay from a change under result-tmp/ to the start of a pass.
+"""Daemon: CPU while idle, delay from a change to a pass, and CPU beside a busy worker on a big store.
 
-    make bench-daemon            (or: .venv/bin/python bench/daemon_bench.py --idle 30 --changes 20)
+    make bench-daemon            (or: .venv/bin/python bench/daemon_bench.py --idle 30 --changes 20 --busy 60)
+
+Beside a busy worker (a build starting or ending every 2 s) on a store of
+``--big`` finished builds (5,000 by default), the daemon's CPU share is measured over
+``--busy`` seconds and printed against the same on an empty store, run in this same
+process just before (target: under 5% of one core; the store's size must not show).
 
 Runs on a private containerd with a store of finished builds. Idle CPU is the
 daemon's user+system time over a quiet window, as a share of one core (target
@@ -29,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.support.containerd import PrivateContainerd  # noqa: E402
 from tests.support.daemon import DaemonProcess  # noqa: E402
-from tests.support.world import World  # noqa: E402
+from tests.support.world import World, layerinfo_text  # noqa: E402
 
 _PASS = re.compile(r"^(\S+ \S+) INFO pass (\d+) \((.*)\): .*, ([\d.]+) s$", re.M)
 
@@ -74,11 +79,45 @@ def watchfiles_floor(folder: Path, changes: int) -> list[float]:
     return delays
 
 
+def busy_cpu(cd: PrivateContainerd, work: Path, results: int, seconds: float) -> float:
+    """The daemon's CPU share beside a worker whose builds start or end every 2 s."""
+    from bench.store_scale import make_store
+
+    ns = f"busy{results}"
+    world = World(cd, ns, work / "store")
+    make_store(world.root, results)
+    policy = work / "policy.yaml"
+    policy.write_text(
+        "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: busy}\n"
+        f"spec:\n  containerd: {{namespace: {ns}, snapshotter: native}}\n"
+        "  timing: {gracePeriod: 10m, staleAfter: 6h, interval: 5m}\n  metrics: {enabled: false}\n"
+    )
+    daemon = DaemonProcess(cd, world.root, policy, work / "daemon.log")
+    try:
+        daemon.wait_for(r"INFO pass 1 ", timeout=120)
+        before, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < seconds:
+            tmp = world.root / "result-tmp" / f"busy{n // 2}"
+            if n % 2 == 0:  # a build starts
+                tmp.mkdir()
+                (tmp / "layerinfo").write_text(layerinfo_text(f"obuilder-busy{n // 2}", f"/s/{n}", []))
+            else:  # and ends
+                tmp.rename(world.root / "result" / f"busy{n // 2}")
+            n += 1
+            time.sleep(2)
+        return (cpu_seconds(daemon.proc.pid) - before) / (time.monotonic() - t0)
+    finally:
+        daemon.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--idle", type=float, default=30, help="seconds of quiet to measure CPU over")
     parser.add_argument("--changes", type=int, default=20, help="result-tmp/ changes to time")
     parser.add_argument("--results", type=int, default=50, help="finished builds in the store")
+    parser.add_argument("--busy", type=float, default=60, help="seconds beside a busy worker (0: skip)")
+    parser.add_argument("--big", type=int, default=5000, help="finished builds in the busy worker's store")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="obr-bench-"))
@@ -132,6 +171,17 @@ def main() -> int:
             f"daemon/floor = {med / floor_med:.2f}"
         )
         ok = idle_share < 0.01 and worst < 2.0
+        if args.busy > 0:
+            daemon.stop()
+            daemon = None
+            empty = busy_cpu(cd, work / "busy-empty", 0, args.busy)
+            big = busy_cpu(cd, work / "busy-big", args.big, args.busy)
+            print(
+                f"beside a busy worker (a build starting or ending every 2 s), {args.busy:g} s: "
+                f"empty store {empty * 100:.2f}% of one core (baseline), {args.big} results {big * 100:.2f}% "
+                f"(x{big / empty if empty else float('inf'):.2f}; target < 5%)"
+            )
+            ok = ok and big < 0.05
         return 0 if ok else 1
     finally:
         if daemon is not None:

@@ -148,8 +148,10 @@ def render_explain(name: str, decisions: list[Decision], *, present: bool, mode_
 
 
 def to_json(plan: Plan, run: RunReport | None) -> str:
-    doc: dict[str, Any] = {"plan": plan.model_dump(mode="json", exclude={"decisions", "snapshot_parents"})}
-    doc["plan"]["kept"] = [d.model_dump(mode="json") for d in plan.decisions if d.keep]
+    plain = plan.model_dump(mode="json", exclude={"decisions", "snapshot_parents", "snapshot_keeps"})
+    doc: dict[str, Any] = {"plan": plain}
+    kept = [*plan.kept(Kind.SNAPSHOT), *(d for d in plan.decisions if d.keep)]
+    doc["plan"]["kept"] = [d.model_dump(mode="json") for d in kept]
     if run is not None:
         doc["summary"] = summary_json(run)
     return json.dumps(doc, indent=2)

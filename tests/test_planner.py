@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from controller.core.planner import base_image_key, path_identity, plan
-from controller.model.plan import Mode, PlanOptions
+from controller.model.plan import Kind, Mode, PlanOptions
 from controller.model.records import Observation
 
 CASES = sorted((Path(__file__).parent / "cases").glob("*.json"))
@@ -36,7 +36,7 @@ def test_case(path: Path) -> None:
     assert [t.id for t in p.tmp_entries] == expect["tmp_entries"]
     assert [c.name for c in p.cache_tmp] == expect["cache_tmp"]
     assert list(p.deferred) == expect.get("deferred", [])
-    kept = {d.name: d.rule for d in p.decisions if d.kind == "snapshot" and d.keep}
+    kept = {d.name: d.rule for d in p.kept(Kind.SNAPSHOT)}
     assert kept == expect["kept"]
     if "kept_containers" in expect:
         assert {d.name: d.rule for d in p.decisions if d.kind == "container" and d.keep} == expect["kept_containers"]

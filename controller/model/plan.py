@@ -141,7 +141,11 @@ class Plan(Record):
     cache_tmp: tuple[CacheTmpRemoval, ...] = ()
     #: Orphans left for a later pass by ``maxDeletionsPerPass``.
     deferred: tuple[str, ...] = ()
+    #: Why each object other than a snapshot stays or goes.
     decisions: tuple[Decision, ...] = Field(default=(), repr=False)
+    #: Why each kept snapshot stays: (rule, reason) by key. A plain map, not a Decision each, for the
+    #: same reason as snapshot_reasons; ``kept`` and ``decision_for`` give them as decisions.
+    snapshot_keeps: dict[str, tuple[Rule, str]] = Field(default_factory=dict, repr=False)
     drift: StoreDrift = StoreDrift()
     #: Things a human must look at that block no action (an unreadable layerinfo...).
     warnings: tuple[str, ...] = ()
@@ -182,10 +186,18 @@ class Plan(Record):
 
     def kept(self, kind: Kind) -> list[Decision]:
         """The decisions to keep objects of ``kind``."""
+        if kind is Kind.SNAPSHOT:
+            return [self._snapshot_kept(k) for k in sorted(self.snapshot_keeps)]
         return [d for d in self.decisions if d.keep and d.kind == kind]
+
+    def _snapshot_kept(self, key: str) -> Decision:
+        rule, reason = self.snapshot_keeps[key]
+        return Decision(kind=Kind.SNAPSHOT, name=key, keep=True, rule=rule, reason=reason)
 
     def decision_for(self, name: str) -> list[Decision]:
         found = [d for d in self.decisions if d.name == name]
+        if name in self.snapshot_keeps:
+            found.append(self._snapshot_kept(name))
         if name in self.snapshot_reasons:
             found.append(
                 Decision(
