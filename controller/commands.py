@@ -54,7 +54,7 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = resolve_settings(args, env)
-    check_store(settings.store)
+    check_store(settings.store, read_the_db=True)
     mode = Mode.BOOT if args.once else Mode.DAEMON
     options = settings.plan_options(mode)
     ctr = Ctr(settings.ctr)

@@ -213,3 +213,26 @@ def test_explain_beside_a_worker_dates_snapshots_by_containerd_not_by_history(
     assert "kept [rule: grace]: created" in said and "less than gracePeriod" in said
     assert "containerd's Created" in said
     assert {old, young} <= set(containerd.snapshot_keys(namespace)), "--explain changed something"
+
+
+@pytest.mark.parametrize("what", ["not executable", "a folder", "not a program"])
+def test_a_ctr_that_cannot_run_is_exit_2_with_a_message_not_a_traceback(tmp_path: Path, what: str) -> None:
+    root = create_store(tmp_path / "store")
+    ctr = tmp_path / "ctr"
+    if what == "a folder":
+        ctr.mkdir()
+    else:
+        ctr.write_bytes(b"#!/bin/sh\nexit 0\n" if what == "not executable" else b"\x7fELF garbage")
+        ctr.chmod(0o644 if what == "not executable" else 0o755)
+    run = run_cli("--once", "--store", str(root), "--ctr", str(ctr))
+    assert run.code == 2, run.stderr
+    assert f"cannot run '{ctr}'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_store_whose_db_is_not_obuilders_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    (root / "state" / "db" / "db.sqlite").write_bytes(b"this is not SQLite" * 100)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    run = run_cli("--once", "--store", str(root), "--address", str(tmp_path / "none.sock"))
+    assert run.code == 2 and "is not OBuilder's DB" in run.stderr, run.stderr
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before, "the refused store was written to"

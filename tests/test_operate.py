@@ -289,3 +289,39 @@ def test_readme_documents_every_metric() -> None:
     readme = (REPO / "README.md").read_text()
     for name in METRICS:
         assert f"`{name}`" in readme, name
+
+
+@pytest.mark.containerd
+def test_orphans_waiting_out_their_grace_period_show_as_a_gauge_then_fall_to_zero(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path
+) -> None:
+    base = world.base("b:1")
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: backlog}\nspec:\n"
+        f"  containerd: {{namespace: {namespace}, snapshotter: native}}\n"
+        "  timing: {gracePeriod: 4s, interval: 60s}\n"
+        "  metrics: {address: '127.0.0.1:0'}\n"
+    )
+    daemon = DaemonProcess(containerd, world.root, policy, tmp_path / "daemon.log")
+    try:
+        port = daemon.wait_for(r"serving /metrics.* on 127\.0\.0\.1:(\d+)", timeout=30).group(1)
+        url = f"http://127.0.0.1:{port}/metrics"
+        daemon.wait_for(r"pass 1 ")
+        orphans = world.orphan_chain(base, "leak", 3)  # a leak: three snapshots nothing names
+        seen: list[float] = []
+
+        def waiting() -> float:
+            value = sample(get(url)[1], "obuilder_reconcile_waiting_snapshots", reason="grace")
+            seen.append(value)
+            return value
+
+        until(lambda: waiting() == 3, what="the three orphans to show as waiting")
+        assert set(orphans) <= set(containerd.snapshot_keys(namespace)), "gone before their grace period"
+        assert sample(get(url)[1], "obuilder_reconcile_drift_objects", kind="orphan_snapshots") == 0
+        until(lambda: not set(orphans) & set(containerd.snapshot_keys(namespace)), what="the orphans to go")
+        until(lambda: waiting() == 0, what="the waiting gauge to fall to 0")
+        assert max(seen) == 3 and seen[-1] == 0
+        assert re.search(r"3 waiting out their grace period", daemon.text())
+    finally:
+        daemon.stop()

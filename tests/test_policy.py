@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,40 @@ def test_protected_orphans_and_their_ancestors_survive_while_unprotected_sibling
     left = set(containerd.snapshot_keys(namespace))
     assert protected + "-committed" in left
     assert not {sibling + "-committed", *chain} & left
+
+
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (LAUGHS, "YAML aliases (*name) are not allowed"),
+        ("apiVersion: !!python/name:os.system x\n", "YAML tag 'tag:yaml.org,2002:python/name:os.system'"),
+        ("spec: !custom {}\n", "YAML tag '!custom' is not allowed"),
+        ("[" * 10_000 + "]" * 10_000, "nested"),
+        ("? [a, b]\n: c\n", "a key must be a plain name"),
+    ],
+    ids=["billion laughs", "python tag", "custom tag", "deep", "complex key"],
+)
+def test_a_hostile_policy_is_refused_at_once_with_its_place(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    started = time.monotonic()
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert time.monotonic() - started < 1
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_huge_or_binary_policy_is_refused_unread(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (10 * 1024 * 1024) + "\n")
+    with pytest.raises(PolicyError, match=r"huge.yaml:1:1: larger than 256 KiB"):
+        load_policy(huge)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00kind")
+    with pytest.raises(PolicyError, match="not UTF-8"):
+        load_policy(binary)

@@ -318,3 +318,33 @@ def test_the_cache_is_dropped_at_each_resync(tmp_path: Path) -> None:
     now[0] = 301
     store.observe()
     assert (store.cache.reads, store.cache.hits) == (1, 0), "a full read"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"(" * 5000, "1:65: lists nested deeper than 64"),
+        (b"#; " * 20000 + b"x", "datum comment"),
+        (b"((snapshot_key " + b"k" * 70_000 + b"))", "1:16: atom longer than 65536 bytes"),
+        (b'((source "' + b"s" * 70_000 + b'"))', "1:10: atom longer than 65536 bytes"),
+        (b" " * (1024 * 1024 + 1), "1:1: larger than 1024 KiB"),
+    ],
+    ids=["deep", "datum comments", "long atom", "long quoted atom", "huge"],
+)
+def test_a_hostile_layerinfo_is_unreadable_with_its_place_never_a_crash(
+    tmp_path: Path, text: bytes, message: str
+) -> None:
+    path = tmp_path / "layerinfo"
+    path.write_bytes(text)
+    with pytest.raises(LayerinfoError) as caught:
+        read_layerinfo(path)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_datum_comments_still_drop_the_datum_after_them(tmp_path: Path) -> None:
+    path = tmp_path / "layerinfo"
+    path.write_bytes(
+        b"#; (junk) ((snapshot_key k) #; (skipped x) (source s) #; #; a b (parent_layer_paths (p #; q))) #; tail"
+    )
+    li = read_layerinfo(path)
+    assert (li.snapshot_key, li.source, li.parent_layer_paths) == ("k", "s", ("p",))

@@ -72,8 +72,9 @@ class Ctr:
                 timeout=self.settings.timeout,
                 check=False,
             )
-        except FileNotFoundError as e:
-            raise CtrNotFoundError(f"cannot run {self.settings.ctr!r}: {e.strerror}") from e
+        except OSError as e:
+            # Missing, not executable, a folder, or not a program at all (ENOEXEC): no pass can work.
+            raise CtrNotFoundError(f"cannot run {self.settings.ctr!r}: {e.strerror or e}") from e
         except subprocess.TimeoutExpired as e:
             stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
             raise CtrTimeoutError(argv, None, f"timed out after {self.settings.timeout:g}s {stderr}") from e

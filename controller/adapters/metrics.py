@@ -19,6 +19,7 @@ from controller.model.outcome import ACTION_KINDS, Outcome, PassReport, Result
 from controller.model.plan import DRIFT_KINDS, Kind
 
 ACTION_OUTCOMES = ("removed", "not_found", "failed")
+WAITING_REASONS = ("grace", "deferred")
 
 #: name -> (type, help): the README's metrics reference is checked against this.
 METRICS = {
@@ -29,6 +30,10 @@ METRICS = {
     "obuilder_reconcile_last_success_timestamp_seconds": ("gauge", "Unix time the last successful pass ended."),
     "obuilder_reconcile_containerd_up": ("gauge", "1 if the last pass reached containerd, else 0."),
     "obuilder_reconcile_owned_objects": ("gauge", "Owned snapshots and containers seen by the last pass."),
+    "obuilder_reconcile_waiting_snapshots": (
+        "gauge",
+        "Orphan snapshots the last pass left waiting, by why: grace (gracePeriod) or deferred (maxDeletionsPerPass).",
+    ),
     "obuilder_reconcile_orphan_bytes": ("gauge", "Disk held by orphan snapshots (when measureBytes is on)."),
     "obuilder_reconcile_reclaimed_bytes_total": ("counter", "Disk freed by removed snapshots (measureBytes)."),
 }
@@ -68,6 +73,12 @@ class Metrics(Reporter):
         self.owned = Gauge(
             "obuilder_reconcile_owned_objects", help_of("obuilder_reconcile_owned_objects"), ["kind"], registry=r
         )
+        self.waiting = Gauge(
+            "obuilder_reconcile_waiting_snapshots",
+            help_of("obuilder_reconcile_waiting_snapshots"),
+            ["reason"],
+            registry=r,
+        )
         self.orphan_bytes = Gauge(
             "obuilder_reconcile_orphan_bytes", help_of("obuilder_reconcile_orphan_bytes"), registry=r
         )
@@ -83,6 +94,8 @@ class Metrics(Reporter):
             self.passes.labels(outcome)
         for kind in ("snapshot", "container"):
             self.owned.labels(kind)
+        for reason in WAITING_REASONS:
+            self.waiting.labels(reason)
 
     def removed(self, kind: Kind, name: str, reason: str, outcome: Outcome) -> None:
         self.actions.labels(kind.value, "removed" if outcome is Outcome.REMOVED else "not_found").inc()
@@ -102,6 +115,8 @@ class Metrics(Reporter):
             self.drift.labels(kind).set(status.drift.get(kind, 0))
         for kind in ("snapshot", "container"):
             self.owned.labels(kind).set(status.owned.get(kind, 0))
+        for reason in WAITING_REASONS:
+            self.waiting.labels(reason).set(status.waiting.get(reason, 0))
         if status.orphan_bytes is not None:
             self.orphan_bytes.set(status.orphan_bytes)
         if status.reclaimed_bytes:

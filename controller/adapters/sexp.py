@@ -12,7 +12,7 @@ that no byte is lost when a path is not valid UTF-8.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,12 @@ class Node:
     items: tuple[Node, ...] | None = None
 
 
+#: Limits no layerinfo comes near (OBuilder's are a few hundred bytes, three lists deep):
+#: past them a file is refused as unreadable, never read into memory or recursion.
+MAX_DEPTH = 64
+MAX_ATOM = 64 * 1024
+MAX_BYTES = 1024 * 1024
+
 _BLANKS = b" \t\x0c\r\n"
 _DELIMITERS = b' \t\x0c\r\n()";'
 _SIMPLE_ESCAPES = {
@@ -40,6 +46,15 @@ _SIMPLE_ESCAPES = {
     ord(" "): b" ",
 }
 _HEX = b"0123456789abcdefABCDEF"
+
+
+@dataclass
+class _Frame:
+    """An open list (or the level outside any): its items so far, and datum comments pending."""
+
+    start: int
+    items: list[Node] = field(default_factory=list)
+    discards: int = 0
 
 
 class SexpSyntaxError(ValueError):
@@ -72,6 +87,7 @@ class _Reader:
         return self.data[at] if at < len(self.data) else None
 
     def skip_blanks_and_comments(self) -> None:
+        """Blanks, ``;`` line comments and ``#| |#`` block comments (datum comments are the reader's)."""
         data = self.data
         while self.pos < len(data):
             c = data[self.pos]
@@ -82,12 +98,6 @@ class _Reader:
                 self.pos = len(data) if end < 0 else end + 1
             elif data.startswith(b"#|", self.pos):
                 self.skip_block_comment()
-            elif data.startswith(b"#;", self.pos):
-                self.pos += 2
-                self.skip_blanks_and_comments()
-                if self.pos >= len(data):
-                    raise self.fail("datum comment '#;' with nothing after it")
-                self.read_sexp()
             else:
                 return
 
@@ -111,32 +121,51 @@ class _Reader:
         raise self.fail("unterminated block comment '#|'", start)
 
     def read_sexp(self) -> Node:
-        self.skip_blanks_and_comments()
-        c = self.peek()
-        start = self.pos
-        if c is None:
-            raise self.fail("unexpected end of input, expected an atom or '('")
-        if c == ord("("):
-            return Node(start, items=self.read_list())
-        if c == ord(")"):
-            raise self.fail("unexpected ')'")
-        if c == ord('"'):
-            return Node(start, atom=self.read_quoted())
-        return Node(start, atom=self.read_unquoted())
-
-    def read_list(self) -> tuple[Node, ...]:
-        start = self.pos
-        self.pos += 1
-        items: list[Node] = []
+        """One datum, read with an explicit stack: no input can exhaust Python's recursion."""
+        data = self.data
+        stack: list[_Frame] = []
+        top = _Frame(-1)  # the level outside any list: only its datum comments matter
         while True:
             self.skip_blanks_and_comments()
             c = self.peek()
+            start = self.pos
+            frame = stack[-1] if stack else top
             if c is None:
-                raise self.fail("unclosed '(' (end of input reached)", start)
-            if c == ord(")"):
+                if stack:
+                    raise self.fail("unclosed '(' (end of input reached)", stack[-1].start)
+                if top.discards:
+                    raise self.fail("datum comment '#;' with nothing after it")
+                raise self.fail("unexpected end of input, expected an atom or '('")
+            if data.startswith(b"#;", self.pos):
+                # A datum comment: the next datum at this level is read and dropped.
+                self.pos += 2
+                frame.discards += 1
+                continue
+            if c == ord("("):
+                if len(stack) >= MAX_DEPTH:
+                    raise self.fail(f"lists nested deeper than {MAX_DEPTH} (a layerinfo has 3)")
                 self.pos += 1
-                return tuple(items)
-            items.append(self.read_sexp())
+                stack.append(_Frame(start))
+                continue
+            if c == ord(")"):
+                if not stack:
+                    raise self.fail("unexpected ')'")
+                if frame.discards:
+                    raise self.fail("datum comment '#;' with nothing after it")
+                stack.pop()
+                self.pos += 1
+                node = Node(frame.start, items=tuple(frame.items))
+            elif c == ord('"'):
+                node = Node(start, atom=self.read_quoted())
+            else:
+                node = Node(start, atom=self.read_unquoted())
+            holder = stack[-1] if stack else top
+            if holder.discards:
+                holder.discards -= 1
+            elif not stack:
+                return node
+            else:
+                holder.items.append(node)
 
     def read_unquoted(self) -> str:
         start = self.pos
@@ -147,6 +176,8 @@ class _Reader:
                     raise self.fail("unexpected block comment delimiter")
                 break
             self.pos += 1
+            if self.pos - start > MAX_ATOM:
+                raise self.fail(f"atom longer than {MAX_ATOM} bytes", start)
         return data[start : self.pos].decode("utf-8", "surrogateescape")
 
     def read_quoted(self) -> str:
@@ -161,6 +192,8 @@ class _Reader:
             if c == ord('"'):
                 self.pos += 1
                 return bytes(out).decode("utf-8", "surrogateescape")
+            if len(out) > MAX_ATOM:
+                raise self.fail(f"atom longer than {MAX_ATOM} bytes", start)
             if c != ord("\\"):
                 out.append(c)
                 self.pos += 1
@@ -206,7 +239,12 @@ def parse_one(data: bytes) -> Node:
     """Parse exactly one S-expression (blanks and comments around it allowed)."""
     reader = _Reader(data)
     value = reader.read_sexp()
-    reader.skip_blanks_and_comments()
+    while True:
+        reader.skip_blanks_and_comments()
+        if not data.startswith(b"#;", reader.pos):
+            break
+        reader.pos += 2
+        reader.read_sexp()  # a trailing datum comment: read, and dropped
     if reader.pos < len(data):
         raise reader.fail("unexpected text after the S-expression")
     return value

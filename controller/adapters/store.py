@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from controller.adapters import platform
-from controller.adapters.sexp import Node, SexpSyntaxError, parse_one, position
+from controller.adapters.sexp import MAX_BYTES, Node, SexpSyntaxError, parse_one, position
 from controller.adapters.store_cleanup import StoreCleaner
 from controller.model.errors import LayerinfoError, StoreReadError, StoreSanityError
 from controller.model.outcome import Result
@@ -32,9 +32,12 @@ def read_layerinfo(path: str | os.PathLike[str]) -> LayerInfo:
     """
     shown = os.fspath(path)
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise LayerinfoError(shown, 1, 1, f"cannot read: {e.strerror or e}") from e
+    if len(data) > MAX_BYTES:
+        raise LayerinfoError(shown, 1, 1, f"larger than {MAX_BYTES // 1024} KiB; a layerinfo is a few hundred bytes")
     try:
         node = parse_one(data)
     except SexpSyntaxError as e:
@@ -84,10 +87,12 @@ def layerinfo_candidates(entry: Path) -> tuple[Path, Path]:
     return entry / "rootfs" / "layerinfo", entry / "layerinfo"
 
 
-def check_store(root: Path) -> None:
+def check_store(root: Path, *, read_the_db: bool = False) -> None:
     """Refuse a root that does not look like an OBuilder store.
 
-    An unmounted volume or a mistyped path would make everything look orphaned.
+    An unmounted volume or a mistyped path would make everything look orphaned. With
+    ``read_the_db`` (once, before anything is written: the lock, the status file), the DB
+    must also be OBuilder's: SQLite with a ``builds`` table.
     """
     problems = []
     if not (root / "result").is_dir():
@@ -96,6 +101,8 @@ def check_store(root: Path) -> None:
         problems.append(f"{root.joinpath(*DB_PATH)} is not a file")
     if problems:
         raise StoreSanityError(f"{root} does not look like an OBuilder store ({'; '.join(problems)}); refusing to act")
+    if read_the_db:
+        read_db(root.joinpath(*DB_PATH))
 
 
 class ReadCache:

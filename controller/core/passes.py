@@ -204,6 +204,7 @@ def _report(
     done = {r.name for r in results if r.kind is Kind.SNAPSHOT and r.outcome.done}
     orphans = {*plan.snapshots, *plan.deferred}
     kept = plan.snapshot_keeps
+    young = sum(1 for rule, _ in kept.values() if rule is Rule.GRACE)
     if sum(counts["removed"].values()) or plan.deferred:
         requeue: float | None = 0.0  # level-triggered: look again at once until nothing moves
     else:
@@ -221,7 +222,8 @@ def _report(
         changed=sum(1 for r in results if r.outcome is Outcome.CHANGED),
         stuck=tuple(_diagnose(r, observation, done, plan.mode) for r in failures),
         drift=drift,
-        backlog=len(plan.deferred) + sum(1 for rule, _ in kept.values() if rule is Rule.GRACE),
+        backlog=len(plan.deferred) + young,
+        waiting={"grace": young, "deferred": len(plan.deferred)},
         store_drift=plan.drift,
         owned={
             "snapshot": len(kept) + len(orphans),

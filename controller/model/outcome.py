@@ -104,6 +104,9 @@ class PassReport(Record):
     drift: dict[str, int] = Field(default_factory=dict)
     #: Orphan snapshots waiting: deferred by maxDeletionsPerPass, or kept only by their grace period.
     backlog: int = 0
+    #: The backlog by why it waits: ``grace`` (created less than gracePeriod ago, or not yet dated)
+    #: and ``deferred`` (maxDeletionsPerPass).
+    waiting: dict[str, int] = Field(default_factory=dict)
     store_drift: StoreDrift = StoreDrift()
     owned: dict[str, int] = Field(default_factory=dict)
     kept_snapshots: int = 0
