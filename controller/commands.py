@@ -90,8 +90,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         reporters: list[Reporter] = [printer, progress or LogReporter()]
         if not args.dry_run:
             reporters.insert(0, StatusFile(settings.status_path))
-        ports = Ports(containerd=containerd, store=FsStore(settings.store), reporter=Reporters(*reporters),
-                      clock=WallClock())  # fmt: skip
+        store = FsStore(settings.store, resync=settings.interval.total_seconds())
+        ports = Ports(containerd=containerd, store=store, reporter=Reporters(*reporters), clock=WallClock())
         pass_options = PassOptions(plan=options, mode=mode, measure_bytes=settings.measure_bytes, dry_run=args.dry_run)
         run = run_once(
             ports,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from controller.core.executor import PassResult, execute
@@ -117,7 +117,7 @@ def run_once(
 
     def look(number: int, dry_run: bool) -> PassReport:
         nonlocal history
-        pass_options = options if options.dry_run == dry_run else _dry(options, dry_run)
+        pass_options = options if options.dry_run == dry_run else replace(options, dry_run=dry_run)
         if not dry_run and before_pass is not None:
             before_pass()
         report = one_pass(ports, pass_options, history, number)
@@ -159,8 +159,16 @@ def run_once(
     )
 
 
-def error_report(number: int, mode: Mode, started: datetime, now: datetime, error: str, *, containerd_up: bool,
-                 prior: PassReport | None) -> PassReport:  # fmt: skip
+def error_report(
+    number: int,
+    mode: Mode,
+    started: datetime,
+    now: datetime,
+    error: str,
+    *,
+    containerd_up: bool,
+    prior: PassReport | None,
+) -> PassReport:
     """A pass that failed as a whole: what it left is what the last one left."""
     return PassReport(
         number=number,
@@ -175,11 +183,6 @@ def error_report(number: int, mode: Mode, started: datetime, now: datetime, erro
         stuck=prior.stuck if prior else (),
         owned=prior.owned if prior else {},
     )
-
-
-def _dry(options: PassOptions, dry_run: bool) -> PassOptions:
-    return PassOptions(options.plan, options.mode, options.measure_bytes, dry_run, options.recheck_batch,
-                       options.should_stop)  # fmt: skip
 
 
 def _report(

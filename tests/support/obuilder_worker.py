@@ -57,7 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.support.containerd import SNAPSHOTTER
-from tests.support.world import World, layerinfo_text
+from tests.support.world import World, layerinfo_text, mounts_of
 
 STEPS = ("s0", "s1", "s2", "s3")
 BASES = ("mcr.microsoft.com/windows/servercore:ltsc2022", "mcr.microsoft.com/windows/nanoserver:ltsc2022")
@@ -286,7 +286,7 @@ class ObuilderWorker:
             self.leak("crash before result-tmp/", key)
             return None
         time.sleep(self.prepare_to_layerinfo)
-        source, parents = _mounts(proc.stdout)
+        source, parents = mounts_of(proc.stdout)
         tmp.mkdir()
         if crash == "before-layerinfo":
             self.leak("crash before the layerinfo", key)
@@ -406,7 +406,7 @@ class ObuilderWorker:
             self.leak("failed base fetch", key)
             shutil.rmtree(tmp)
             return None
-        source, parents = _mounts(proc.stdout)
+        source, parents = mounts_of(proc.stdout)
         (tmp / "rootfs" / "layerinfo").write_text(layerinfo_text(key, source, parents))
         (tmp / "env").write_text("()")
         self.snapshot("rm", "--", key + "-committed")  # ignored
@@ -532,16 +532,6 @@ class ObuilderWorker:
             self.build(parent, step, cancel=cancel)
             if cancel and self.rng.random() < 0.7:
                 self.build(parent, step)  # ocluster retries a cancelled job: same id at once
-
-
-def _mounts(text: str) -> tuple[str, list[str]]:
-    """``Hcs.parse_mount_json``: the first mount's Source and its parentLayerPaths option."""
-    mount = json.loads(text)[0]
-    parents: list[str] = []
-    for option in mount.get("Options") or []:
-        if option.startswith("parentLayerPaths="):
-            parents = json.loads(option[len("parentLayerPaths=") :])
-    return mount["Source"], parents
 
 
 class LeakMonitor(threading.Thread):

@@ -38,6 +38,17 @@ def layerinfo_text(key: str, source: str, parents: list[str]) -> str:
     return f"((snapshot_key {sexp_atom(key)}) (source {sexp_atom(source)})\n (parent_layer_paths ({inner})))\n"
 
 
+def mounts_of(text: str) -> tuple[str, list[str]]:
+    """``ctr snapshots prepare --mounts`` JSON read as OBuilder's ``Hcs.parse_mount_json`` does:
+    the first mount's Source and its ``parentLayerPaths=`` option."""
+    mount = json.loads(text)[0]
+    parents: list[str] = []
+    for option in mount.get("Options") or []:
+        if option.startswith("parentLayerPaths="):
+            parents = json.loads(option[len("parentLayerPaths=") :])
+    return mount["Source"], parents
+
+
 def create_store(root: Path) -> Path:
     """The folders and DB OBuilder's HCS store creates at start-up (WAL mode, as db.ml sets)."""
     for sub in ("result", "result-tmp", "state/db", "cache", "cache-tmp"):
@@ -69,13 +80,7 @@ class World:
 
     def prepare(self, key: str, parent: str) -> tuple[str, list[str]]:
         out = self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "prepare", "--mounts", "--", key, parent)
-        # Read the mount JSON as OBuilder's Hcs.parse_mount_json does.
-        mount = json.loads(out)[0]
-        parents: list[str] = []
-        for option in mount.get("Options") or []:
-            if option.startswith("parentLayerPaths="):
-                parents = json.loads(option[len("parentLayerPaths=") :])
-        return mount["Source"], parents
+        return mounts_of(out)
 
     def commit(self, key: str) -> str:
         self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "commit", "--", key + "-committed", key)
