@@ -258,21 +258,28 @@ def parse_snapshot_created(text: str, key: str) -> datetime:
 
 
 def parse_container_info(text: str) -> Container:
-    """``ctr containers info`` JSON (containerd 1.6 to 2.x, Linux or Windows) as a record."""
-    data: dict[str, Any] = json.loads(text)
-    spec = data.get("Spec") or {}
-    root = spec.get("root") or {}
-    windows = spec.get("windows") or {}
-    created = data.get("CreatedAt")
-    return Container(
-        id=data["ID"],
-        image=data.get("Image") or "",
-        snapshot_key=data.get("SnapshotKey") or "",
-        snapshotter=data.get("Snapshotter") or "",
-        root_path=root.get("path") or "",
-        layer_folders=tuple(windows.get("layerFolders") or ()),
-        created_at=datetime.fromisoformat(created) if created else None,
-    )
+    """``ctr containers info`` JSON (containerd 1.6 to 2.x, Linux or Windows) as a record.
+
+    Anything else (not JSON, not the shape ctr prints) is a :class:`CtrError` naming what
+    it got: that observation fails, clearly, and nothing is guessed."""
+    try:
+        data: dict[str, Any] = json.loads(text)
+        spec = data.get("Spec") or {}
+        root = spec.get("root") or {}
+        windows = spec.get("windows") or {}
+        created = data.get("CreatedAt")
+        return Container(
+            id=data["ID"],
+            image=data.get("Image") or "",
+            snapshot_key=data.get("SnapshotKey") or "",
+            snapshotter=data.get("Snapshotter") or "",
+            root_path=root.get("path") or "",
+            layer_folders=tuple(windows.get("layerFolders") or ()),
+            created_at=datetime.fromisoformat(created) if created else None,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        # pydantic's ValidationError is a ValueError.
+        raise CtrError(["ctr", "containers", "info"], 0, f"unexpected output ({e}): {text[:200]!r}") from e
 
 
 def classify(stderr: str) -> Result:
