@@ -31,11 +31,6 @@ class PassResult:
     #: the window in which a key re-created under us would still be removed.
     recheck_windows: list[float] = field(default_factory=list)
 
-    @property
-    def progress(self) -> int:
-        """Objects that this pass actually removed."""
-        return sum(1 for r in self.results if r.outcome is Outcome.REMOVED)
-
     def failures(self) -> list[ActionResult]:
         """What should have gone and did not (an object that changed since it was planned is not one)."""
         return [r for r in self.results if r.outcome.failure]

@@ -19,7 +19,6 @@ no conditional delete); batches are kept small so it stays short, and it is meas
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
@@ -73,12 +72,10 @@ class RemovalGuard:
         store_has: Callable[[str, str], bool],
         *,
         prefix: str = "obuilder-",
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ages = ages
         self.store_has = store_has
         self.prefix = prefix
-        self.clock = clock
 
     def check(self, plan: Plan, keys: Sequence[str]) -> dict[str, Result]:
         """What must not be removed now, with why; keys not in the answer are confirmed."""
