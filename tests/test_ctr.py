@@ -64,6 +64,38 @@ def test_errors_are_classified(stderr: str, outcome: Outcome) -> None:
     assert classify(stderr).outcome is outcome
 
 
+@pytest.mark.parametrize(
+    ("name", "stderr", "outcome"),
+    [
+        # ctr's own forms, 1.6 to 2.1, about the object named: gone.
+        ("k", 'ctr: failed to remove "k": snapshot k does not exist: not found', Outcome.NOT_FOUND),
+        ("c", 'ctr: container "c" in namespace "default": not found', Outcome.NOT_FOUND),
+        ("c", 'container "c" in namespace "default": not found', Outcome.NOT_FOUND),
+        ("c", "no running task found: task c not found: not found", Outcome.NOT_FOUND),
+        # Not found, but about something else: the object is still there.
+        ("k", 'ctr: failed to remove "k": parent snapshot p does not exist: not found', Outcome.FAILED),
+        ("k", 'ctr: failed to remove "k": snapshot kk does not exist: not found', Outcome.FAILED),
+        # HCS says "does not exist" of a compute system while the container lives on: a failure.
+        (
+            "obuilder-run-7",
+            "ctr: hcsshim::System::Terminate obuilder-run-7: A virtual machine or container with the specified "
+            "identifier does not exist.",
+            Outcome.FAILED,
+        ),
+        (
+            "k",
+            'ctr: failed to remove "k": The process cannot access the file because it is being used by another '
+            "process.",
+            Outcome.FAILED,
+        ),
+        ("k", 'ctr: failed to remove "k": context deadline exceeded', Outcome.FAILED),
+        ("k", 'ctr: failed to remove "k": cannot remove snapshot with child: failed precondition', Outcome.HAS_CHILD),
+    ],
+)
+def test_not_found_means_the_named_object_is_gone_never_a_loose_match(name: str, stderr: str, outcome: Outcome) -> None:
+    assert classify(stderr, name).outcome is outcome
+
+
 def test_chunks_respect_the_command_line_budget() -> None:
     names = [f"obuilder-{i:04d}" for i in range(1000)]
     chunks = list(chunk_args(names, budget=1000))

@@ -125,7 +125,7 @@ class Ctr:
         """One container's details, or None when it vanished since it was listed."""
         proc = self.run(["containers", "info", "--", container_id])
         if proc.returncode != 0:
-            if classify(proc.stderr).outcome is Outcome.NOT_FOUND:
+            if classify(proc.stderr, container_id).outcome is Outcome.NOT_FOUND:
                 return None
             raise CtrError([self.settings.ctr, "containers", "info", container_id], proc.returncode, proc.stderr)
         return parse_container_info(proc.stdout)
@@ -147,7 +147,7 @@ class Ctr:
                 proc = self.run(args)
                 if proc.returncode == 0:
                     out[key] = parse_snapshot_created(proc.stdout, key)
-                elif classify(proc.stderr).outcome is Outcome.NOT_FOUND:
+                elif classify(proc.stderr, key).outcome is Outcome.NOT_FOUND:
                     out[key] = None
                 else:
                     raise CtrError([self.settings.ctr, *args], proc.returncode, proc.stderr)
@@ -197,7 +197,7 @@ class Ctr:
                     results.update((k, Result(Outcome.NOT_TRIED, message)) for k in pending)
                     break
                 results.update((k, Result(Outcome.REMOVED)) for k in pending[:failed_at])
-                results[pending[failed_at]] = classify(proc.stderr)
+                results[pending[failed_at]] = classify(proc.stderr, pending[failed_at])
                 pending = pending[failed_at + 1 :]
         return results
 
@@ -282,14 +282,31 @@ def parse_container_info(text: str) -> Container:
         raise CtrError(["ctr", "containers", "info"], 0, f"unexpected output ({e}): {text[:200]!r}") from e
 
 
-def classify(stderr: str) -> Result:
-    """Sort a ctr error into done, retry-after-children, or stuck."""
+def classify(stderr: str, name: str | None = None) -> Result:
+    """Sort a ctr error into done, retry-after-children, or stuck, by containerd's error class.
+
+    containerd ends each error with its class (``: not found``, ``: failed precondition``...).
+    "Already gone" needs that class *and*, when ``name`` is given, one of ctr's own phrasings
+    about that very object: a missing parent, or an HCS message that says "does not exist"
+    while the container lives on, is a failure, never a removal."""
     message = _last_error(stderr)
-    if "cannot remove snapshot with child" in message:
+    if message.endswith("cannot remove snapshot with child: failed precondition"):
         return Result(Outcome.HAS_CHILD, message)
-    if message.endswith("not found") or ": not found" in message or "does not exist" in message:
+    if message.endswith(": not found") and (name is None or _about(message, name)):
         return Result(Outcome.NOT_FOUND, message)
     return Result(Outcome.FAILED, message)
+
+
+def _about(message: str, name: str) -> bool:
+    """Whether a not-found error is about ``name`` itself, in the forms ctr 1.6 to 2.x print."""
+    quoted = go_quote(name)
+    forms = (
+        f"snapshot {name} does not exist: not found",  # snapshots rm, snapshots info
+        f"container {quoted} in namespace ",  # containers rm/info, tasks delete of a missing container
+        f"task {name} not found",  # tasks delete of a container without a task
+        f"no running task found: task {name} not found",
+    )
+    return any(form in message for form in forms)
 
 
 def _fan_out(parts: list[list[str]], remove: Callable[[list[str]], dict[str, V]]) -> dict[str, V]:
@@ -368,7 +385,7 @@ def _logged_failures(stderr: str, pattern: re.Pattern[str]) -> dict[str, Result]
             continue
         m = pattern.match(fields["msg"])
         if m:
-            failures[m.group("id")] = classify(fields.get("error", fields["msg"]))
+            failures[m.group("id")] = classify(fields.get("error", fields["msg"]), m.group("id"))
     return failures
 
 
