@@ -348,3 +348,25 @@ def test_datum_comments_still_drop_the_datum_after_them(tmp_path: Path) -> None:
     )
     li = read_layerinfo(path)
     assert (li.snapshot_key, li.source, li.parent_layer_paths) == ("k", "s", ("p",))
+
+
+def test_one_entry_that_cannot_be_read_fails_that_entry_not_the_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = create_store(tmp_path / "store")
+    for build in ("a", "broken", "c"):
+        _result(root, build, f"obuilder-{build}")
+    from controller.adapters import store as store_module
+
+    real = store_module._read_entry
+
+    def flaky(path: Path, area: str, st: os.stat_result) -> object:
+        if path.name == "broken":
+            raise OSError(5, "Input/output error")
+        return real(path, area, st)
+
+    monkeypatch.setattr(store_module, "_read_entry", flaky)
+    state = observe_store(root)
+    by_id = {e.id: e for e in state.results}
+    assert by_id["a"].layerinfo is not None and by_id["c"].layerinfo is not None
+    assert by_id["broken"].layerinfo_error == f"{root / 'result' / 'broken'}: cannot read: Input/output error"

@@ -216,7 +216,14 @@ def _read_entries(folder: Path, area: str, cache: ReadCache | None = None) -> li
             entry = known[1]
             cache.hits += 1
         else:
-            entry = _read_entry(folder / name, area, st)
+            try:
+                entry = _read_entry(folder / name, area, st)
+            except OSError as e:
+                # One entry that cannot be read (EIO, ELOOP, a permission) fails that entry, not the
+                # pass: it is an unreadable entry, kept with every key it could name, and reported.
+                entry = StoreEntry(
+                    id=name, area=area, layerinfo_error=f"{folder / name}: cannot read: {e.strerror or e}"
+                )
             if cache is not None:
                 cache.reads += 1
         if entry is None:
