@@ -13,15 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from controller.adapters import platform
-from controller.adapters.containerd import CtrContainerd
 from controller.adapters.ctr import Ctr
 from controller.adapters.lock import StoreLock
 from controller.adapters.logs import LogReporter, ProgressReporter, configure_logging
 from controller.adapters.status import StatusFile, write_status
-from controller.adapters.store import FsStore, check_store
+from controller.adapters.store import check_store
 from controller.config.settings import Overrides, Settings, resolve
 from controller.core.passes import PassOptions, one_pass, run_once
-from controller.core.ports import Ports, Reporter, Reporters, WallClock
+from controller.core.ports import Ports, Reporter, Reporters
 from controller.model.errors import UsageError, WorkerRunningError
 from controller.model.plan import Mode, Plan, PlanOptions
 from controller.model.policy import parse_duration
@@ -57,8 +56,6 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     check_store(settings.store, read_the_db=True)
     mode = Mode.BOOT if args.once else Mode.DAEMON
     options = settings.plan_options(mode)
-    ctr = Ctr(settings.ctr)
-    containerd = CtrContainerd(ctr, container_prefix=options.container_prefix)
 
     def no_worker_running() -> None:
         # Asked before every pass, not only the first: a worker that starts meanwhile makes
@@ -74,10 +71,9 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if wait > 0:
         configure_logging(args.log_format)
         logging.getLogger("reconcile").info("waiting up to %gs for containerd at %s", wait, settings.ctr.address)
-        ctr.wait_until_up(wait)
+        Ctr(settings.ctr).wait_until_up(wait)
     if args.explain:
-        ports = Ports(containerd=containerd, store=FsStore(settings.store), reporter=Reporter(), clock=WallClock())
-        return explain(args.explain, ports, options, mode)
+        return explain(args.explain, settings.ports(Reporter()), options, mode)
     if not args.once:
         return run_daemon(args, env, settings)
     if not args.force:
@@ -90,12 +86,9 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         reporters: list[Reporter] = [printer, progress or LogReporter()]
         if not args.dry_run:
             reporters.insert(0, StatusFile(settings.status_path))
-        store = FsStore(settings.store, resync=settings.interval.total_seconds())
-        ports = Ports(containerd=containerd, store=store, reporter=Reporters(*reporters), clock=WallClock())
-        pass_options = PassOptions(plan=options, mode=mode, measure_bytes=settings.measure_bytes, dry_run=args.dry_run)
         run = run_once(
-            ports,
-            pass_options,
+            settings.ports(Reporters(*reporters)),
+            settings.pass_options(mode, dry_run=args.dry_run),
             max_passes=settings.max_passes,
             before_pass=None if args.force else no_worker_running,
         )

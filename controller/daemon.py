@@ -19,13 +19,9 @@ import anyio
 from watchfiles import awatch
 
 from controller.adapters import platform
-from controller.adapters.containerd import CtrContainerd
-from controller.adapters.ctr import Ctr
-from controller.adapters.store import FsStore
 from controller.config.settings import Settings
 from controller.core.loop import Loop
-from controller.core.passes import PassOptions
-from controller.core.ports import Ports, Reporter, WallClock
+from controller.core.ports import Ports, Reporter
 from controller.model.errors import ReconcileError
 from controller.model.plan import Mode
 
@@ -33,20 +29,6 @@ log = logging.getLogger("reconcile")
 
 #: /healthz fails when the event loop has not ticked for this long (seconds).
 HEARTBEAT_LIMIT = 10.0
-
-
-def ports_for(settings: Settings, reporter: Reporter) -> Ports:
-    """The real world: ctr against containerd, the store on disk, the wall clock."""
-    options = settings.plan_options(Mode.DAEMON)
-    containerd = CtrContainerd(Ctr(settings.ctr), container_prefix=options.container_prefix)
-    # The store is read as an informer would: parsed entries cached between passes, and a full
-    # read every resync interval.
-    store = FsStore(settings.store, resync=settings.interval.total_seconds())
-    return Ports(containerd=containerd, store=store, reporter=reporter, clock=WallClock())
-
-
-def pass_options(settings: Settings) -> PassOptions:
-    return PassOptions(plan=settings.plan_options(Mode.DAEMON), mode=Mode.DAEMON, measure_bytes=settings.measure_bytes)
 
 
 class Daemon:
@@ -57,13 +39,15 @@ class Daemon:
         load: Callable[[], Settings],
         reporter: Reporter | None = None,
         *,
-        wire: Callable[[Settings, Reporter], Ports] = ports_for,
+        wire: Callable[[Settings, Reporter], Ports] = Settings.ports,
     ) -> None:
         self.load = load
         self.reporter = reporter or Reporter()
         self.wire = wire
         self.settings = load()
-        self.loop = Loop(wire(self.settings, self.reporter), pass_options(self.settings), self.settings.interval)
+        self.loop = Loop(
+            wire(self.settings, self.reporter), self.settings.pass_options(Mode.DAEMON), self.settings.interval
+        )
         #: For /healthz: the event loop ticks this every second while it is alive.
         self.heartbeat = time.monotonic()
         self._stop: anyio.Event | None = None
@@ -128,7 +112,7 @@ class Daemon:
             )
             return
         self.settings = settings
-        self.loop.reconfigure(self.wire(settings, self.reporter), pass_options(settings), settings.interval)
+        self.loop.reconfigure(self.wire(settings, self.reporter), settings.pass_options(Mode.DAEMON), settings.interval)
         log.info("policy reloaded (%s)", why)
         self.trigger(f"policy reloaded ({why})")
 

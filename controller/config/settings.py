@@ -12,9 +12,13 @@ from datetime import timedelta
 from pathlib import Path
 
 from controller.adapters import platform
-from controller.adapters.ctr import CtrSettings
+from controller.adapters.containerd import CtrContainerd
+from controller.adapters.ctr import Ctr, CtrSettings
 from controller.adapters.lock import STATE_DIR
+from controller.adapters.store import FsStore
 from controller.config.policy import load_policy
+from controller.core.passes import PassOptions
+from controller.core.ports import Ports, Reporter, WallClock
 from controller.model.errors import UsageError
 from controller.model.plan import Mode, PlanOptions
 from controller.model.policy import API_VERSION, KIND, Metadata, ReconcilePolicy, ReconcilePolicySpec
@@ -55,6 +59,22 @@ class Settings:
 
     def plan_options(self, mode: Mode) -> PlanOptions:
         return PlanOptions.from_spec(self.spec, mode)
+
+    def pass_options(self, mode: Mode, *, dry_run: bool = False) -> PassOptions:
+        return PassOptions(plan=self.plan_options(mode), mode=mode, measure_bytes=self.measure_bytes, dry_run=dry_run)
+
+    def ports(self, reporter: Reporter) -> Ports:
+        """The real world for a pass: ctr against containerd, the store on disk, the wall clock."""
+        prefix = self.spec.ownership.container_prefix
+        # The store is read as an informer would: parsed entries cached between passes, and a
+        # full read every resync interval.
+        store = FsStore(self.store, resync=self.interval.total_seconds())
+        return Ports(
+            containerd=CtrContainerd(Ctr(self.ctr), container_prefix=prefix),
+            store=store,
+            reporter=reporter,
+            clock=WallClock(),
+        )
 
 
 def default_policy() -> ReconcilePolicy:
