@@ -156,7 +156,7 @@ def keep_what_unreadable_layerinfo_could_name(w: _World) -> Iterator[Claim]:
 
 def keep_protected(w: _World) -> Iterator[Claim]:
     """Rule 3: the policy protects keys by glob and base images by reference."""
-    owned = sorted(w.owned)
+    owned = sorted(w.owned) if w.options.protect_keys else []
     for pattern in w.options.protect_keys:
         matched = [k for k in owned if fnmatchcase(k, pattern)]
         for k in matched:
@@ -479,12 +479,16 @@ def _levels_leaves_first(
     waiting = {k: children[k] for k in orphans}
     height = dict.fromkeys((k for k, n in waiting.items() if n == 0), 0)
     queue = list(height)
+    get_parent = parent_of.get
     for k in queue:  # the queue grows while we walk it
-        p = parent_of.get(k)
+        p = get_parent(k)
         if p in waiting:
-            height[p] = max(height.get(p, 0), height[k] + 1)
-            waiting[p] -= 1
-            if waiting[p] == 0:
+            h = height[k] + 1
+            if h > height.get(p, 0):
+                height[p] = h
+            left = waiting[p] - 1
+            waiting[p] = left
+            if left == 0:
                 queue.append(p)
     by_level: dict[int, list[str]] = defaultdict(list)
     for k in queue:
