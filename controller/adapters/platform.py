@@ -7,12 +7,14 @@ run) lives here, so the rest of the package never asks which one it is on.
 
 from __future__ import annotations
 
+import ntpath
 import os
 import signal
 import stat
 import sys
-from collections.abc import AsyncIterator
-from typing import IO, Literal
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import IO, Any, BinaryIO, Literal, TypeVar
 
 IS_WINDOWS = sys.platform == "win32"
 
@@ -147,3 +149,310 @@ async def signals() -> AsyncIterator[Literal["reload", "stop"]]:
         with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as received:
             async for signum in received:
                 yield "reload" if signum == signal.SIGHUP else "stop"
+
+
+# -- Processes and consoles: stopping ---------------------------------------------------
+
+#: Windows' CREATE_NEW_PROCESS_GROUP (``subprocess`` defines it only on Windows).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+
+
+def child_process_options() -> dict[str, Any]:
+    """``subprocess`` options for a ctr child: its own process group, so a console's Ctrl-C or
+    Ctrl-Break (a terminal's SIGINT on POSIX) reaches us, not the ctr call under way, which
+    then finishes as a stop promises. Windows disables Ctrl-C in a new group; Ctrl-Break
+    goes to the group it is sent to."""
+    if IS_WINDOWS:
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP}
+    return {"process_group": 0}
+
+
+def on_console_stop(stop: Callable[[], None]) -> None:
+    """Call ``stop`` on Ctrl-C, Ctrl-Break (Windows) or SIGTERM. From the main thread only
+    (Python's rule for signal handlers); ``stop`` must only set a flag."""
+
+    def handler(signum: int, frame: object) -> None:
+        stop()
+
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)
+
+
+# -- Files on NTFS: deletion, shared reads, replacing ---------------------------------
+#
+# On Windows a file another process holds open fails our unlink, rename or replace
+# with a sharing violation until it is closed (antivirus, the indexer, a reader of the
+# status file); OBuilder's robocopied caches keep the read-only attribute, which stops
+# DeleteFile; and paths past MAX_PATH (260) need the extended-length form. POSIX has
+# none of these, so the same code is a plain walk there, and tests drive the Windows
+# branches through a FileOps whose calls fail as Windows' would.
+
+#: ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION: another process has the file open.
+SHARING_VIOLATIONS = frozenset({32, 33})
+#: ERROR_ACCESS_DENIED: also what renaming or replacing over an open file gives.
+ACCESS_DENIED = 5
+#: ERROR_DIR_NOT_EMPTY: a folder whose deleted file another process still holds (it is
+#: "delete pending" until closed).
+DIR_NOT_EMPTY = 145
+#: How long to wait between tries while a file is held: a scanner or a reader lets go in
+#: well under a second; past about 1.5 s in all, the caller gives up and retries next pass.
+SHARING_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+_FILE_ATTRIBUTE_DIRECTORY = 0x10
+_T = TypeVar("_T")
+
+
+def extended_path(path: str) -> str:
+    r"""The extended-length form of an absolute Windows path (``\\?\C:\...``, ``\\?\UNC\server\share\...``).
+
+    Windows then skips its MAX_PATH limit and its path normalisation, so the path must
+    already be absolute and normal; device paths (``\\.\``) are left as they are."""
+    if path.startswith(("\\\\?\\", "\\\\.\\")):
+        return path
+    normal = ntpath.normpath(path)
+    if normal.startswith("\\\\"):
+        return "\\\\?\\UNC\\" + normal[2:]
+    if not ntpath.isabs(normal) or not ntpath.splitdrive(normal)[0]:
+        raise ValueError(f"{path!r} is not an absolute path with a drive or server")
+    return "\\\\?\\" + normal
+
+
+def long_path(path: str) -> str:
+    """A path the OS accepts whatever its length: the extended-length form on Windows."""
+    return extended_path(ntpath.abspath(path)) if IS_WINDOWS else path
+
+
+def is_sharing_violation(error: OSError, codes: frozenset[int] = SHARING_VIOLATIONS) -> bool:
+    """Whether an error says another process holds the file (Windows only; never on POSIX)."""
+    return getattr(error, "winerror", None) in codes
+
+
+def retry_while_held(
+    action: Callable[[], _T],
+    *,
+    codes: frozenset[int] = SHARING_VIOLATIONS,
+    sleep: Callable[[float], None] = time.sleep,
+    backoff: tuple[float, ...] = SHARING_BACKOFF,
+) -> _T:
+    """Run ``action``, trying again after each backoff step while it fails because a file is held."""
+    for delay in backoff:
+        try:
+            return action()
+        except OSError as e:
+            if not is_sharing_violation(e, codes):
+                raise
+            sleep(delay)
+    return action()
+
+
+class FileOps:
+    """The file-system calls removal and replacing make, one method each so a test can
+    make them fail as Windows' would (a held file, the read-only attribute)."""
+
+    def lstat(self, path: str) -> os.stat_result:
+        return os.lstat(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
+
+    def chmod(self, path: str, mode: int) -> None:
+        os.chmod(path, mode)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+
+def _link_is_dir(st: os.stat_result) -> bool:
+    # A directory junction or directory symlink is removed with rmdir on Windows.
+    return IS_WINDOWS and bool(getattr(st, "st_file_attributes", 0) & _FILE_ATTRIBUTE_DIRECTORY)
+
+
+def _writable(ops: FileOps, path: str) -> None:
+    """Clear the read-only attribute (Windows) or add the owner's write bit (POSIX)."""
+    try:
+        mode = ops.lstat(path).st_mode
+        ops.chmod(path, stat.S_IMODE(mode) | stat.S_IWRITE | (stat.S_IXUSR if stat.S_ISDIR(mode) else 0))
+    except FileNotFoundError:
+        pass
+
+
+def _remove_one(ops: FileOps, path: str, st: os.stat_result, top: str, sleep: Callable[[float], None]) -> None:
+    """Remove one file, link or (empty) directory: retried while held, and once more after
+    making it and its folder writable when refused."""
+    codes = SHARING_VIOLATIONS
+    if is_link(st):
+        action: Callable[[str], None] = ops.rmdir if _link_is_dir(st) else ops.unlink
+    elif stat.S_ISDIR(st.st_mode):
+        action, codes = ops.rmdir, SHARING_VIOLATIONS | {DIR_NOT_EMPTY}
+    else:
+        action = ops.unlink
+    try:
+        retry_while_held(lambda: action(path), codes=codes, sleep=sleep)
+    except FileNotFoundError:
+        return
+    except PermissionError as e:
+        if is_sharing_violation(e):
+            raise
+        # Windows: the read-only attribute (files, and folders for rmdir); POSIX: a folder
+        # without write permission. Never the permissions of anything outside the tree.
+        if not is_link(st):
+            _writable(ops, path)
+        parent = os.path.dirname(path)
+        if path != top and parent.startswith(top):
+            _writable(ops, parent)
+        try:
+            retry_while_held(lambda: action(path), codes=codes, sleep=sleep)
+        except FileNotFoundError:
+            return
+
+
+def remove_tree(path: str, *, ops: FileOps | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Delete a file, link or directory tree; links inside are removed as links, never followed.
+
+    Read-only files and folders are made writable, a held file is retried briefly, paths
+    may be longer than MAX_PATH. Entries that vanish meanwhile are fine. Everything that
+    can go goes; then the first entry that could not raises its OSError."""
+    ops = ops or FileOps()
+    top = long_path(path)
+    try:
+        st = ops.lstat(top)
+    except FileNotFoundError:
+        return
+    if is_link(st) or not stat.S_ISDIR(st.st_mode):
+        _remove_one(ops, top, st, top, sleep)
+        return
+    first: OSError | None = None
+    kept: set[str] = set()  # folders that keep a child that could not go
+
+    def attempt(target: str, tst: os.stat_result) -> None:
+        nonlocal first
+        try:
+            _remove_one(ops, target, tst, top, sleep)
+        except OSError as e:
+            first = first or e
+            parent = os.path.dirname(target)
+            while parent.startswith(top) and parent not in kept:
+                kept.add(parent)
+                parent = os.path.dirname(parent)
+
+    # Iterative, children before their folder: trees can be deeper than Python's recursion.
+    stack: list[tuple[str, os.stat_result, bool]] = [(top, st, False)]
+    while stack:
+        folder, fst, listed = stack.pop()
+        if listed:
+            if folder not in kept:
+                attempt(folder, fst)
+            continue
+        stack.append((folder, fst, True))
+        try:
+            names = ops.listdir(folder)
+        except FileNotFoundError:
+            stack.pop()
+            continue
+        except PermissionError:
+            _writable(ops, folder)  # POSIX: a folder without read or search permission
+            names = ops.listdir(folder)
+        for name in names:
+            child = os.path.join(folder, name)
+            try:
+                cst = ops.lstat(child)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(cst.st_mode) and not is_link(cst):
+                stack.append((child, cst, False))
+            else:
+                attempt(child, cst)
+    if first is not None:
+        raise first
+
+
+def rename_held(src: str, dst: str, *, ops: FileOps | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Rename within one volume, retried briefly while a file in it is held (Windows refuses to
+    rename a folder with a file open inside, as access denied or a sharing violation)."""
+    ops = ops or FileOps()
+    codes = SHARING_VIOLATIONS | {ACCESS_DENIED}
+    retry_while_held(lambda: ops.rename(long_path(src), long_path(dst)), codes=codes, sleep=sleep)
+
+
+def replace_held(
+    src: str, dst: str, *, ops: FileOps | None = None, sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """``os.replace``, retried briefly while a reader holds ``dst`` (access denied or a sharing
+    violation on Windows: a reader that did not open it with FILE_SHARE_DELETE)."""
+    ops = ops or FileOps()
+    codes = SHARING_VIOLATIONS | {ACCESS_DENIED}
+    retry_while_held(lambda: ops.replace(long_path(src), long_path(dst)), codes=codes, sleep=sleep)
+
+
+#: CreateFileW's arguments for a read that lets others read, write, delete and rename the
+#: file meanwhile (Python's open() shares read and write only, not delete).
+GENERIC_READ = 0x80000000
+FILE_SHARE_READ, FILE_SHARE_WRITE, FILE_SHARE_DELETE = 0x1, 0x2, 0x4
+OPEN_EXISTING = 3
+FILE_ATTRIBUTE_NORMAL = 0x80
+
+
+def open_shared(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a file to read it without stopping anyone renaming or deleting it meanwhile.
+
+    OBuilder renames ``result-tmp/ID`` to ``result/ID`` and deletes entries while we read
+    their layerinfo; on Windows a plain open() would make that rename fail."""
+    if not IS_WINDOWS:
+        return open(path, "rb")
+    kernel32 = _kernel32()
+    share = FILE_SHARE_READ | FILE_SHARE_WRITE | FILE_SHARE_DELETE
+    shown = os.fspath(path)
+    handle = kernel32.CreateFileW(
+        long_path(shown), GENERIC_READ, share, None, OPEN_EXISTING, FILE_ATTRIBUTE_NORMAL, None
+    )
+    if handle is None or handle in (0, _INVALID_HANDLE):
+        error = _win_error()
+        error.filename = shown
+        raise error
+    try:
+        fd = _open_osfhandle(handle)
+    except BaseException:
+        kernel32.CloseHandle(handle)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+_INVALID_HANDLE = (1 << 64) - 1 if sys.maxsize > 2**32 else (1 << 32) - 1
+
+
+def _kernel32() -> Any:
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
+    kernel32.CreateFileW.argtypes = (
+        ctypes.c_wchar_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
+        ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
+    )  # fmt: skip
+    kernel32.CreateFileW.restype = ctypes.c_void_p
+    kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
+    return kernel32
+
+
+def _win_error() -> OSError:
+    import ctypes
+
+    code = ctypes.get_last_error()  # type: ignore[attr-defined,unused-ignore]
+    error: OSError = ctypes.WinError(code)  # type: ignore[attr-defined,unused-ignore]
+    return error
+
+
+def _open_osfhandle(handle: int) -> int:
+    import msvcrt
+
+    fd: int = msvcrt.open_osfhandle(handle, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # type: ignore[attr-defined,unused-ignore]
+    return fd

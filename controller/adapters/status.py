@@ -2,6 +2,8 @@
 
 The file is replaced atomically (write a sibling, flush to disk, rename over), so a
 reader, or a crash at any instant, sees the old content or the new, never a torn file.
+On Windows the rename fails while a reader holds the file without FILE_SHARE_DELETE, so
+it is retried briefly, and our own reader opens it sharing delete.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from controller.adapters import platform
 from controller.core.ports import Reporter
 from controller.model.outcome import PassReport
 
 __all__ = ["StatusFile", "read_status", "write_status"]
 
 
-def write_status(path: Path, status: PassReport) -> None:
+def write_status(path: Path, status: PassReport, *, ops: platform.FileOps | None = None) -> None:
     """Replace ``path`` atomically with the status as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # A writer killed mid-write leaves its temporary sibling; one run per store holds
@@ -31,14 +34,15 @@ def write_status(path: Path, status: PassReport) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        platform.replace_held(tmp, str(path), ops=ops)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def read_status(path: Path) -> PassReport:
-    return PassReport.model_validate_json(path.read_bytes())
+    with platform.open_shared(path) as f:
+        return PassReport.model_validate_json(f.read())
 
 
 class StatusFile(Reporter):
