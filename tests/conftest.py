@@ -20,6 +20,7 @@ from tests.support.world import World
 
 _namespaces = itertools.count(1)
 _measurements: list[str] = []
+_faults: list[str] = []
 
 
 @pytest.fixture
@@ -28,10 +29,21 @@ def measure() -> Callable[[str], None]:
     return _measurements.append
 
 
+@pytest.fixture
+def fault() -> Callable[[str, str], None]:
+    """Record what held under one fault class (``fault("ctr hangs", "exit 1 in 2.1 s; ...")``): the
+    fault suite's lines are printed at the end of the run, one per class."""
+    return lambda name, held: _faults.append(f"{name}: {held}")
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _measurements:
         terminalreporter.section("measurements")
         for line in _measurements:
+            terminalreporter.write_line(line)
+    if _faults:
+        terminalreporter.section("faults")
+        for line in _faults:
             terminalreporter.write_line(line)
 
 

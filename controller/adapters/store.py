@@ -266,18 +266,28 @@ def _read_entry(path: Path, area: str, st: os.stat_result) -> StoreEntry | None:
         return StoreEntry.model_validate(fields)
     fields["has_rootfs"] = (path / "rootfs").is_dir()
     for candidate in layerinfo_candidates(path):
-        if candidate.is_file():
-            try:
-                fields["layerinfo"] = read_layerinfo(candidate)
-            except LayerinfoError as e:
-                # Gone while we read it is not a bad file: read what is there now.
-                if not os.path.lexists(path):
-                    return None
-                if not os.path.lexists(candidate):
-                    continue
-                fields["layerinfo_error"] = str(e)
+        try:
+            mode = os.lstat(candidate).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if not stat.S_ISREG(mode):
+            # A folder, a link (it could lead to a fifo that blocks the read forever, or out of the
+            # store), a device: OBuilder writes a plain file, so this is not one; never followed.
+            what = "a link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+            fields["layerinfo_error"] = f"{candidate}:1:1: {what}, not a layerinfo file; not followed"
             fields["layerinfo_path"] = str(candidate)
             break
+        try:
+            fields["layerinfo"] = read_layerinfo(candidate)
+        except LayerinfoError as e:
+            # Gone while we read it is not a bad file: read what is there now.
+            if not os.path.lexists(path):
+                return None
+            if not os.path.lexists(candidate):
+                continue
+            fields["layerinfo_error"] = str(e)
+        fields["layerinfo_path"] = str(candidate)
+        break
     if area == "result-tmp":
         fields["changed_at"] = _newest_change(path, st)
     return StoreEntry.model_validate(fields)
