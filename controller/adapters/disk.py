@@ -1,0 +1,247 @@
+"""Disk truth: the snapshotter's own folder, against what containerd's metadata knows.
+
+``ctr snapshots rm`` removes containerd's metadata; the layer folder goes later, in
+containerd's garbage collection, which renames it ``rm-<id>`` and only logs a failed
+delete (a file still in use on Windows; containerd 1.6 then stops collecting, 2.x skips
+it and never sweeps ``rm-*``). So metadata says "removed" while the disk stays full.
+
+This observer finds the snapshotter's ``snapshots`` folder from the layer paths
+containerd and the store report (``<root>/io.containerd.snapshotter.v1.<name>/snapshots/<id>``,
+on Windows ``...\\io.containerd.snapshotter.v1.windows\\snapshots\\<id>``), lists it, and
+reports the folders no snapshot of containerd's owns, with their bytes. It reads only.
+
+Which id a committed snapshot has is not something ctr prints; so an id-named folder is
+called unknown only when certain: when the folders outnumber the snapshots containerd
+lists (all namespaces) by exactly the number of id folders no reported path names.
+Otherwise the surplus is counted, not named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+
+from controller.adapters import platform
+from controller.adapters.ctr import Ctr
+from controller.model.disk import DiskDrift, UnknownFolder, UnknownReason
+from controller.model.records import ContainerdState, Snapshot, StoreState
+
+__all__ = ["DiskObserver", "ReclaimLedger", "layer_ids", "reported_layer_paths", "tree_bytes"]
+
+_SEP = r"[\\/]+"
+
+
+def _layer_pattern(snapshotter: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"(?P<folder>.*?{_SEP}io\.containerd\.snapshotter\.v1\.{re.escape(snapshotter)}{_SEP}snapshots)"
+        rf"{_SEP}(?P<id>[^\\/]+)"
+    )
+
+
+def layer_ids(paths: Iterable[str], snapshotter: str) -> tuple[str | None, set[str]]:
+    """The snapshotter's ``snapshots`` folder and the folder names that the paths name.
+
+    Paths are as containerd reports them (a layerinfo's ``source``, a container's layer
+    folders, a mount's source): the folder is taken from the first that has one."""
+    pattern = _layer_pattern(snapshotter)
+    folder: str | None = None
+    ids: set[str] = set()
+    for path in paths:
+        m = pattern.match(path)
+        if m is None:
+            continue
+        folder = folder or m.group("folder")
+        ids.add(m.group("id"))
+    return folder, ids
+
+
+def reported_layer_paths(containerd: ContainerdState, store: StoreState) -> list[str]:
+    """Every layer path the last observation holds: containers' specs, the store's layerinfo."""
+    paths: list[str] = []
+    for c in containerd.containers:
+        paths.extend(p for p in (c.root_path, *c.layer_folders) if p)
+    for entry in (*store.results, *store.tmp):
+        if entry.layerinfo is not None:
+            paths.extend(p for p in (entry.layerinfo.source, *entry.layerinfo.parent_layer_paths) if p)
+    return paths
+
+
+def mount_paths(text: str) -> Iterator[str]:
+    """Layer paths in ``ctr snapshots mounts`` output (``mount -t TYPE SOURCE TARGET -o OPTIONS``),
+    the source and, on Windows, each of ``parentLayerPaths=[...]``."""
+    for line in text.splitlines():
+        words = line.split(" ")
+        if len(words) >= 4 and words[:2] == ["mount", "-t"]:
+            yield words[3]
+        at = line.find("parentLayerPaths=")
+        if at >= 0:
+            try:
+                parents, _ = json.JSONDecoder().raw_decode(line, at + len("parentLayerPaths="))
+            except ValueError:
+                continue
+            if isinstance(parents, list):
+                yield from (p for p in parents if isinstance(p, str))
+
+
+def tree_bytes(path: str) -> int:
+    """Bytes of the regular files under ``path``; links are not followed, a hard-linked file
+    counts once, and files or folders that go (or cannot be read) during the walk are skipped."""
+    top = platform.long_path(path)
+    try:
+        st = os.lstat(top)
+    except OSError:
+        return 0
+    if platform.is_link(st):
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [top]
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with it:
+            for item in it:
+                try:
+                    est = item.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(est.st_mode) and not platform.is_link(est):
+                    stack.append(item.path)
+                elif stat.S_ISREG(est.st_mode):
+                    if est.st_nlink > 1 and est.st_ino:
+                        if (est.st_dev, est.st_ino) in seen:
+                            continue
+                        seen.add((est.st_dev, est.st_ino))
+                    total += est.st_size
+    return total
+
+
+def _reason(name: str) -> UnknownReason | None:
+    if name.isdecimal():
+        return None
+    if name.startswith("rm-"):
+        return "removed"
+    if name.startswith("new-"):
+        return "unfinished"
+    return "not-a-snapshot"
+
+
+class DiskObserver:
+    """Looks at the snapshotter's folder through the ``Ctr`` it is given (its snapshotter;
+    every namespace, as they share the snapshotter's folder)."""
+
+    def __init__(self, ctr: Ctr, *, for_namespace: Callable[[str], Ctr] | None = None) -> None:
+        self.ctr = ctr
+        #: A Ctr for another namespace (its own, so its calls are counted here, not in the pass's).
+        self.for_namespace = for_namespace or (lambda name: Ctr(replace(ctr.settings, namespace=name)))
+        self.calls = 0
+
+    def observe(self, layer_paths: Iterable[str] = ()) -> DiskDrift:
+        """Folders the snapshotter holds that containerd does not know, with their bytes.
+
+        Costs ``ctr namespaces ls`` and one ``snapshots ls`` per namespace, a listing of the
+        folder, and a walk of the unknown folders only; ``snapshots mounts`` of the active
+        snapshots only when the folders outnumber the snapshots."""
+        snapshotter = self.ctr.settings.snapshotter
+        paths = list(layer_paths)
+        folder, claimed = layer_ids(paths, snapshotter)
+        names: list[str] | None = None
+        if folder is not None:
+            # The folder before the snapshots: a snapshot prepared in between is in neither
+            # count, never a folder without its snapshot.
+            names = self._listing(folder)
+        listed = [(c, c.snapshots()) for c in self._namespaces()]
+        self.calls += len(listed)
+        snapshots = sum(len(s) for _, s in listed)
+        if folder is None:
+            # No path says where this snapshotter keeps its layers: ask the active snapshots.
+            paths.extend(self._active_paths(listed))
+            folder, claimed = layer_ids(paths, snapshotter)
+            if folder is None:
+                return DiskDrift(snapshots=snapshots)
+            names = self._listing(folder)
+        if names is None:
+            return DiskDrift(folder=folder, snapshots=snapshots, error=f"{folder}: cannot list it")
+        ids = [n for n in names if n.isdecimal()]
+        unknown = [(n, r) for n in sorted(names) if (r := _reason(n)) is not None]
+        surplus = len(ids) - snapshots
+        unattributed = 0
+        if surplus > 0:
+            candidates = sorted(set(ids) - claimed, key=int)
+            if len(candidates) > surplus:
+                paths.extend(self._active_paths(listed))
+                claimed = layer_ids(paths, snapshotter)[1]
+                candidates = sorted(set(ids) - claimed, key=int)
+            if len(candidates) == surplus:
+                unknown.extend((n, "unclaimed") for n in candidates)
+            else:
+                unattributed = surplus
+        found = tuple(
+            UnknownFolder(name=n, reason=r, size_bytes=tree_bytes(os.path.join(folder, n))) for n, r in unknown
+        )
+        return DiskDrift(
+            folder=folder,
+            snapshots=snapshots,
+            snapshot_folders=len(ids),
+            unknown=found,
+            unknown_bytes=sum(f.size_bytes for f in found),
+            removed_bytes=sum(f.size_bytes for f in found if f.reason == "removed"),
+            unattributed=unattributed,
+        )
+
+    def _listing(self, folder: str) -> list[str] | None:
+        try:
+            return os.listdir(platform.long_path(folder))
+        except OSError:
+            return None
+
+    def _namespaces(self) -> list[Ctr]:
+        self.calls += 1
+        out = self.ctr.output(["namespaces", "ls", "--quiet"])
+        return [self.for_namespace(n.strip()) for n in out.splitlines() if n.strip()]
+
+    def _active_paths(self, listed: list[tuple[Ctr, tuple[Snapshot, ...]]]) -> list[str]:
+        paths: list[str] = []
+        for ctr, snaps in listed:
+            for s in snaps:
+                if s.kind.lower() != "active":
+                    continue
+                self.calls += 1
+                proc = ctr.run(
+                    ["snapshots", "--snapshotter", ctr.settings.snapshotter, "mounts", "--", "target", s.key]
+                )
+                if proc.returncode == 0:  # one removed since it was listed has no mounts: skip it
+                    paths.extend(mount_paths(proc.stdout))
+        return paths
+
+
+class ReclaimLedger:
+    """Bytes reclaimed on disk, not in metadata, across passes.
+
+    containerd measures a snapshot's bytes before we remove it (``snapshots usage``); those
+    bytes left the disk unless its folder stayed behind. Growth of the ``rm-*`` folders'
+    bytes since the last look is such a leftover: it is taken off what removals report,
+    now or (when a pass removed less than that) from the passes after. The garbage
+    collector runs after the removals, so a leftover shows up one pass late."""
+
+    def __init__(self) -> None:
+        self._last_unknown: int | None = None
+        self._owed = 0
+
+    def account(self, removed_bytes: int, drift: DiskDrift | None) -> int:
+        """Bytes to count as reclaimed for this pass."""
+        if drift is not None and drift.folder is not None and drift.error is None:
+            if self._last_unknown is not None:
+                self._owed += max(0, drift.removed_bytes - self._last_unknown)
+            self._last_unknown = drift.removed_bytes
+        reclaimed = max(0, removed_bytes - self._owed)
+        self._owed = max(0, self._owed - removed_bytes)
+        return reclaimed

@@ -1,0 +1,298 @@
+"""Disk truth: folders in the snapshotter's folder that containerd's metadata does not know.
+
+On the real daemon, a layer folder containerd's garbage collector could not delete (a file
+in it made immutable, as a file in use is on Windows) stays as ``rm-<id>`` while ``ctr``
+says the snapshot is gone: the observer reports it with its bytes. The Windows-shaped
+cases (``parentLayerPaths``, the ``windows`` snapshotter's folder) run against a ctr stub.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from controller.adapters.ctr import Ctr, CtrSettings
+from controller.adapters.disk import (
+    DiskObserver,
+    ReclaimLedger,
+    layer_ids,
+    mount_paths,
+    reported_layer_paths,
+    tree_bytes,
+)
+from controller.adapters.store import observe_store
+from controller.model.disk import DiskDrift, UnknownFolder
+from controller.model.records import ContainerdState
+from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
+from tests.support.world import World
+
+WIN = "C:\\ProgramData\\containerd\\root\\io.containerd.snapshotter.v1.windows\\snapshots\\"
+
+
+# -- reading paths --------------------------------------------------------------------
+
+
+def test_the_folder_and_ids_come_from_the_layer_paths_containerd_reports() -> None:
+    paths = [WIN + "4711", WIN + "12", "C:\\elsewhere\\x", WIN.replace("windows", "native") + "9"]
+    assert layer_ids(paths, "windows") == (WIN.rstrip("\\"), {"4711", "12"})
+    linux = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/7/fs"
+    assert layer_ids([linux], "overlayfs") == (
+        "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots",
+        {"7"},
+    )
+    assert layer_ids([linux], "native") == (None, set())
+
+
+def test_mount_paths_reads_the_source_and_windows_parent_layers() -> None:
+    native = "mount -t bind /r/io.containerd.snapshotter.v1.native/snapshots/2 /t -o rbind,rw\n"
+    assert list(mount_paths(native)) == ["/r/io.containerd.snapshotter.v1.native/snapshots/2"]
+    as_json = [(WIN + n).replace("\\", "\\\\") for n in ("8", "7")]
+    windows = f'mount -t windows-layer {WIN}9 target -o rw,parentLayerPaths=["{as_json[0]}","{as_json[1]}"]\n'
+    assert list(mount_paths(windows)) == [WIN + "9", WIN + "8", WIN + "7"]
+
+
+def test_tree_bytes_follows_no_link_and_counts_a_hard_link_once(tmp_path: Path) -> None:
+    layer = tmp_path / "rm-3"
+    (layer / "Files" / "deep").mkdir(parents=True)
+    (layer / "Files" / "a").write_bytes(b"a" * 1000)
+    (layer / "Files" / "deep" / "b").write_bytes(b"b" * 234)
+    os.link(layer / "Files" / "a", layer / "Files" / "a-again")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(b"x" * 50_000)
+    os.symlink(outside, layer / "Files" / "to-outside")
+    os.symlink(outside / "big", layer / "big-link")
+    assert tree_bytes(str(layer)) == 1234
+    assert tree_bytes(str(tmp_path / "gone")) == 0
+
+
+def test_tree_bytes_tolerates_files_vanishing_mid_walk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = tmp_path / "rm-4"
+    for sub in ("a", "b", "c"):
+        (layer / sub).mkdir(parents=True)
+        (layer / sub / "f").write_bytes(b"f" * 100)
+    real_scandir = os.scandir
+
+    def scandir_that_loses_b(path: str) -> object:
+        # The garbage collector deletes "b" between our listing of rm-4 and our walk into it.
+        if os.path.basename(path) == "b":
+            for name in os.listdir(path):
+                os.unlink(os.path.join(path, name))
+            os.rmdir(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_that_loses_b)
+    assert tree_bytes(str(layer)) == 200
+
+
+# -- the observer against a ctr stub (Windows-shaped) ----------------------------------
+
+
+class StubCtr(Ctr):
+    """Answers the calls the disk observer makes from a table of (argv tail) -> stdout."""
+
+    def __init__(self, namespace: str, answers: dict[tuple[str, ...], str]) -> None:
+        super().__init__(CtrSettings(ctr="ctr.exe", namespace=namespace, snapshotter="windows"))
+        self.answers = answers
+
+    def run(self, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        self.calls += 1
+        out = self.answers.get(tuple(args))
+        if out is None:
+            return subprocess.CompletedProcess(list(args), 1, "", f"ctr: unexpected {list(args)}: not found\n")
+        return subprocess.CompletedProcess(list(args), 0, out, "")
+
+
+def windows_world(tmp_path: Path, folders: dict[str, int]) -> tuple[str, DiskObserver]:
+    """A windows snapshotter's folder on this disk, and a ctr that lists three snapshots:
+    an image layer (1), a committed step (2) and an active one on it (3)."""
+    snaps = tmp_path / "root" / "io.containerd.snapshotter.v1.windows" / "snapshots"
+    for name, size in folders.items():
+        (snaps / name / "Files").mkdir(parents=True)
+        (snaps / name / "Files" / "data").write_bytes(b"x" * size)
+    folder = str(snaps)
+    parents = ",".join(f'"{folder}/{n}"' for n in ("2", "1"))
+    rows = [
+        ("KEY", "PARENT", "KIND"),
+        ("obuilder-3", "obuilder-2-committed", "Active"),
+        ("obuilder-2-committed", "sha256:abc", "Committed"),
+        ("sha256:abc", "", "Committed"),
+    ]
+    table = "".join(f"{k:<24}{p:<24}{kind}\n" for k, p, kind in rows)  # as Go's tabwriter aligns them
+    answers = {
+        ("namespaces", "ls", "--quiet"): "default\n",
+        ("snapshots", "--snapshotter", "windows", "ls"): table,
+        ("snapshots", "--snapshotter", "windows", "mounts", "--", "target", "obuilder-3"): (
+            f"mount -t windows-layer {folder}/3 target -o rw,parentLayerPaths=[{parents}]\n"
+        ),
+    }
+    ctr = StubCtr("default", answers)
+    return folder, DiskObserver(ctr, for_namespace=lambda name: StubCtr(name, answers))
+
+
+def test_windows_rm_and_unclaimed_folders_are_named_with_their_bytes(tmp_path: Path) -> None:
+    folder, observer = windows_world(tmp_path, {"1": 10, "2": 20, "3": 30, "4": 4000, "rm-5": 500, "new-77": 7})
+    drift = observer.observe()  # no layer path from the store: the active snapshot's mounts name the folder
+    assert drift.folder == folder
+    assert (drift.snapshots, drift.snapshot_folders) == (3, 4)
+    assert drift.unknown == (
+        UnknownFolder(name="new-77", reason="unfinished", size_bytes=7),
+        UnknownFolder(name="rm-5", reason="removed", size_bytes=500),
+        UnknownFolder(name="4", reason="unclaimed", size_bytes=4000),
+    )
+    assert (drift.unknown_bytes, drift.removed_bytes, drift.unattributed) == (4507, 500, 0)
+    assert observer.calls == 3  # namespaces, one listing, one mounts
+
+
+def test_a_surplus_that_cannot_be_told_apart_is_counted_not_named(tmp_path: Path) -> None:
+    # Folders 4 and 5 for one snapshot too many: which one is containerd's is not knowable.
+    folder, observer = windows_world(tmp_path, {"1": 1, "2": 2, "3": 3, "4": 4, "5": 5})
+    layer_paths = [f"{folder}/3"]
+    answers = observer.ctr.answers  # type: ignore[attr-defined]
+    answers[("snapshots", "--snapshotter", "windows", "ls")] += (
+        f"{'obuilder-9-committed':<24}{'sha256:abc':<24}Committed\n"
+    )
+    drift = observer.observe(layer_paths)
+    assert drift.unknown == ()
+    assert (drift.snapshots, drift.snapshot_folders, drift.unattributed) == (4, 5, 1)
+
+
+def test_a_folder_that_cannot_be_found_says_so(tmp_path: Path) -> None:
+    _, observer = windows_world(tmp_path, {"1": 1})
+    drift = observer.observe([WIN + "3"])  # a Windows path: no such folder on this machine
+    assert drift.folder == WIN.rstrip("\\")
+    assert drift.error is not None and "cannot list" in drift.error
+    assert drift.unknown == ()
+
+
+def test_reclaimed_bytes_are_what_left_the_disk() -> None:
+    ledger = ReclaimLedger()
+
+    def seen(rm_bytes: int) -> DiskDrift:
+        return DiskDrift(folder="/f", removed_bytes=rm_bytes, unknown_bytes=rm_bytes)
+
+    assert ledger.account(0, seen(100)) == 0  # the first look is the baseline: older leftovers are not ours
+    assert ledger.account(1000, seen(100)) == 1000
+    # The collector failed on 600 of those bytes: they are taken back from what follows.
+    assert ledger.account(200, seen(700)) == 0
+    assert ledger.account(500, seen(700)) == 100
+    assert ledger.account(50, None) == 50  # no look at the disk: metadata's word
+    # A human removing the rm-* folders is not reclaimed by us, and owes nothing.
+    assert ledger.account(10, seen(0)) == 10
+
+
+# -- the real daemon ------------------------------------------------------------------
+
+
+def native_folder(containerd: PrivateContainerd) -> Path:
+    return containerd.base / "root" / "io.containerd.snapshotter.v1.native" / "snapshots"
+
+
+def observer_for(containerd: PrivateContainerd, namespace: str) -> DiskObserver:
+    settings = CtrSettings(ctr="ctr", address=containerd.address, namespace=namespace, snapshotter=SNAPSHOTTER)
+    return DiskObserver(Ctr(settings))
+
+
+@pytest.fixture
+def immutable() -> Iterator[list[Path]]:
+    """Files made immutable (``chattr +i``: not even root can delete them); made mutable and
+    removed with their folder after the test, as an admin would once the holder let go."""
+    made: list[Path] = []
+    try:
+        yield made
+    finally:
+        for path in made:
+            subprocess.run(["chattr", "-i", str(path)], check=False, capture_output=True)
+            if path.parent.name.startswith("rm-"):
+                subprocess.run(["rm", "-rf", "--", str(path.parent)], check=False)
+
+
+def _folders(path: Path) -> set[str]:
+    return set(os.listdir(path))
+
+
+@pytest.mark.containerd
+def test_a_layer_folder_the_garbage_collector_could_not_delete_is_reported_with_its_bytes(
+    world: World, containerd: PrivateContainerd, namespace: str, immutable: list[Path]
+) -> None:
+    base = world.base("b:disk")
+    kept = world.step("kept", base)  # a result: its folder is containerd's and stays unreported
+    source, _ = world.prepare("obuilder-leak", base + "-committed")
+    stuck = Path(source) / "in-use.dll"
+    stuck.write_bytes(b"x" * 123_456)
+    made = subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, text=True, check=False)
+    assert made.returncode == 0, f"chattr +i is needed to make a folder the GC cannot delete: {made.stderr}"
+    immutable.append(Path(source).with_name("rm-" + Path(source).name) / "in-use.dll")
+    immutable.append(stuck)
+    snapshots = native_folder(containerd)
+    before = _folders(snapshots)
+
+    world.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", "--", "obuilder-leak")
+    # containerd says it is gone; its collector renames the folder and fails to delete it.
+    assert "obuilder-leak" not in containerd.snapshot_keys(namespace)
+    removed = "rm-" + Path(source).name
+    deadline = time.monotonic() + 20
+    while removed not in _folders(snapshots) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _folders(snapshots) - before == {removed}, containerd.log_tail()
+
+    store = observe_store(world.root)
+    drift = observer_for(containerd, namespace).observe(reported_layer_paths(ContainerdState(), store))
+    assert drift.folder == str(snapshots)
+    assert UnknownFolder(name=removed, reason="removed", size_bytes=123_456) in drift.unknown
+    known = {layer_ids([e.layerinfo.source], SNAPSHOTTER)[1].pop() for e in store.results if e.layerinfo}
+    assert known and not known & {f.name for f in drift.unknown}, "a folder containerd knows was reported"
+    assert drift.removed_bytes >= 123_456
+    assert kept
+
+
+@pytest.mark.containerd
+def test_stray_folders_are_reported_and_a_surplus_id_is_counted(
+    world: World, containerd: PrivateContainerd, namespace: str
+) -> None:
+    base = world.base("b:stray")
+    world.step("kept", base)
+    layer_paths = [e.layerinfo.source for e in observe_store(world.root).results if e.layerinfo]
+    observer = observer_for(containerd, namespace)
+    first = observer.observe(layer_paths)
+    snapshots = native_folder(containerd)
+    try:
+        (snapshots / "rm-7").mkdir()
+        (snapshots / "rm-7" / "layer.tar").write_bytes(b"r" * 7000)
+        (snapshots / "copy of 3").mkdir()
+        (snapshots / "copy of 3" / "f").write_bytes(b"c" * 300)
+        (snapshots / "99999").mkdir()
+        (snapshots / "99999" / "f").write_bytes(b"n" * 50)
+        drift = observer.observe(layer_paths)
+    finally:
+        for name in ("rm-7", "copy of 3", "99999"):
+            subprocess.run(["rm", "-rf", "--", str(snapshots / name)], check=True)
+    assert UnknownFolder(name="rm-7", reason="removed", size_bytes=7000) in drift.unknown
+    assert UnknownFolder(name="copy of 3", reason="not-a-snapshot", size_bytes=300) in drift.unknown
+    assert drift.unknown_bytes == first.unknown_bytes + 7300
+    # One id folder too many, among committed snapshots whose folders ctr never names.
+    assert drift.snapshot_folders == first.snapshot_folders + 1
+    assert drift.unattributed == first.unattributed + 1
+    assert drift.snapshots == first.snapshots
+
+
+@pytest.mark.containerd
+def test_without_a_layer_path_from_the_store_the_active_snapshots_mounts_name_the_folder(
+    world: World, containerd: PrivateContainerd, namespace: str, measure: Callable[[str], None]
+) -> None:
+    world.step("live", world.base("b:live"), finish=False)  # an active snapshot, as a build runs
+    observer = observer_for(containerd, namespace)
+    started = time.perf_counter()
+    drift = observer.observe([])
+    took = time.perf_counter() - started
+    assert drift.folder == str(native_folder(containerd))
+    assert drift.error is None and drift.snapshot_folders >= drift.snapshots > 0
+    measure(
+        f"disk truth: {drift.snapshots} snapshots, {drift.snapshot_folders} folders, "
+        f"{observer.calls} ctr calls, {took:.2f} s"
+    )
