@@ -1,8 +1,14 @@
-"""The ``reconcile`` command: its flags and exit codes.
+"""The ``reconcile`` command: its flags, its two subcommands and its exit codes.
 
 Only what parsing needs is imported here, so ``--help`` and ``--version`` answer at
 once; the work (settings, the core, the adapters) is imported once a run is asked
-for (``controller.commands``).
+for (``controller.commands``), and ``check-policy`` imports the policy loader alone.
+
+``reconcile [flags]`` is the tool (``--once`` at boot, the daemon without it);
+``reconcile check-policy FILE`` validates a policy with no store, worker or containerd;
+``reconcile service [flags]`` is the Windows service (``controller.service``). The two
+words are recognised only as the first argument, so every flag-style command line keeps
+its meaning.
 """
 
 from __future__ import annotations
@@ -14,25 +20,31 @@ from collections.abc import Sequence
 
 from controller import __version__
 from controller.adapters import platform
-from controller.model.errors import (
-    CtrError,
-    CtrNotFoundError,
-    LockedError,
-    PolicyError,
-    ReconcileError,
-    StoreReadError,
-    StoreSanityError,
-    UsageError,
-)
+from controller.model.errors import EXIT_RULES, ExitCode, ReconcileError, exit_code_for
 
 EXIT_OK, EXIT_NOT_CONVERGED, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
 
-EPILOG = """\
-exit codes:
-  0  converged (with --dry-run: nothing to do)
-  1  did not converge: stuck objects and their reasons are printed
-  2  usage, policy or store-sanity error (nothing was touched)
-  3  --dry-run found drift
+
+def _exit_codes() -> str:
+    import textwrap
+
+    lines = ["exit codes ([worker starts] or [worker stays down]: what the Windows service and the boot unit do):"]
+    for rule in EXIT_RULES:
+        verdict = "worker starts" if rule.start_worker else "worker stays down"
+        lines += textwrap.wrap(
+            f"{int(rule.code)}  {rule.meaning} [{verdict}]", 96, initial_indent="  ", subsequent_indent="     "
+        )
+    return "\n".join(lines)
+
+
+EPILOG = f"""\
+{_exit_codes()}
+
+subcommands (first argument only):
+  check-policy FILE   validate a policy (no store, worker or containerd needed): exit 0 and
+                      a one-line summary, or exit 2 with FILE:LINE:COLUMN
+  service [flags]     the Windows service: boot pass while start-pending, then the daemon
+                      (--console runs it in a console; elsewhere than Windows it always does)
 
 environment:
   CONTAINERD_ADDRESS, CONTAINERD_NAMESPACE, CONTAINERD_SNAPSHOTTER give the defaults
@@ -108,23 +120,81 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON status rewritten after each pass (default: STORE/state/obuilder-reconcile/status.json)",
     )
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON lines")
+    p.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="append log lines to PATH (UTF-8, rotated at 10 MB, 5 kept) instead of stderr",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="list every object in the plan")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from controller.commands import run
+def build_service_parser() -> argparse.ArgumentParser:
+    """``reconcile service``: the daemon's flags, and how to host it."""
+    p = build_parser()
+    p.prog = "reconcile service"
+    p.description = (
+        "The reconcile service: waits for containerd, runs the boot pass (--once semantics) while it reports "
+        "start-pending, then reports running and goes on as the daemon; a stop lets the action under way finish. "
+        "A boot pass that must keep the worker down stops the service as failed, with the reason."
+    )
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help="run in this console (Ctrl-C or Ctrl-Break stops it) instead of under the Windows service manager",
+    )
+    p.add_argument(
+        "--service-name",
+        default="obuilder-reconcile",
+        metavar="NAME",
+        help="the service's name (its Event Log source; default obuilder-reconcile)",
+    )
+    return p
+
+
+def check_policy(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="reconcile check-policy",
+        description="Validate a ReconcilePolicy file: no store, worker or containerd needed.",
+    )
+    p.add_argument("file", metavar="FILE")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from controller.config.policy import load_policy
+    from controller.model.policy import format_duration
 
     try:
-        return run(args, os.environ)
-    except (UsageError, PolicyError, StoreSanityError, LockedError, CtrNotFoundError) as e:
-        print(f"reconcile: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (CtrError, StoreReadError) as e:
-        print(f"reconcile: {e}", file=sys.stderr)
-        return EXIT_NOT_CONVERGED
+        policy = load_policy(Path(args.file))
     except ReconcileError as e:
         print(f"reconcile: {e}", file=sys.stderr)
-        return EXIT_NOT_CONVERGED
+        return int(exit_code_for(e))
+    spec = policy.spec
+    protect = spec.protect
+    print(
+        f"{args.file}: ok: ReconcilePolicy {policy.metadata.name!r}: "
+        f"store {spec.store.root or '(none: pass --store)'}, "
+        f"protects {len(protect.base_images)} base images and {len(protect.snapshot_keys)} key globs, "
+        f"gracePeriod {format_duration(spec.timing.grace_period)}, interval {format_duration(spec.timing.interval)}"
+    )
+    return int(ExitCode.OK)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check-policy"]:
+        return check_policy(argv[1:])
+    service = argv[:1] == ["service"]
+    args = (build_service_parser() if service else build_parser()).parse_args(argv[1:] if service else argv)
+    try:
+        if service:
+            from controller.commands import run_service
+
+            return int(run_service(args, os.environ))
+        from controller.commands import run
+
+        return run(args, os.environ)
+    except ReconcileError as e:
+        print(f"reconcile: {e}", file=sys.stderr)
+        return int(exit_code_for(e))

@@ -1,7 +1,8 @@
 """What ``reconcile`` does once its flags are parsed: wire the adapters into the core and run.
 
 ``--once`` runs passes to convergence (``controller.core.passes.run_once``), the daemon
-runs the loop (``controller.daemon``), ``--explain`` takes one look and says why.
+runs the loop (``controller.daemon``), ``--explain`` takes one look and says why, and
+``reconcile service`` runs both under the service state machine (``controller.service``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from controller.adapters import platform
@@ -17,15 +20,24 @@ from controller.adapters.ctr import Ctr
 from controller.adapters.lock import StoreLock
 from controller.adapters.logs import LogReporter, ProgressReporter, configure_logging
 from controller.adapters.status import StatusFile, write_status
-from controller.adapters.store import check_store
+from controller.adapters.store import DB_PATH, check_store
 from controller.config.settings import Overrides, Settings, resolve
 from controller.core.passes import PassOptions, one_pass, run_once
 from controller.core.ports import Ports, Reporter, Reporters
-from controller.model.errors import UsageError, WorkerRunningError
+from controller.model.errors import (
+    ContainerdUnreachableError,
+    CtrError,
+    ExitCode,
+    StoreNotCreatedError,
+    StoreSanityError,
+    UsageError,
+    WorkerRunningError,
+)
 from controller.model.plan import Mode, Plan, PlanOptions
 from controller.model.policy import parse_duration
 from controller.model.records import History
 from controller.report import render_explain, render_plan, render_summary, to_json
+from controller.service import ReconcileService, ServiceManager, State, Status, StopRequested
 
 EXIT_OK, EXIT_NOT_CONVERGED = 0, 1
 
@@ -51,69 +63,128 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
     return resolve(overrides, args.policy, env)
 
 
+def start_logging(args: argparse.Namespace) -> None:
+    configure_logging(args.log_format)
+    if getattr(args, "log_file", None):
+        from logging.handlers import RotatingFileHandler
+
+        # UTF-8 whatever the console's code page; rotated so a daemon that runs for months
+        # does not fill the disk it is there to keep free.
+        root = logging.getLogger()
+        path = Path(args.log_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = RotatingFileHandler(path, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8")
+        handler.setFormatter(root.handlers[0].formatter)
+        root.handlers[:] = [handler]
+
+
+def check_store_ready(root: Path) -> None:
+    """Refuse to act on a store that is not there, saying whether it is new or not ready.
+
+    New (:class:`StoreNotCreatedError`): the root is missing while its parent exists, or it holds
+    neither the DB nor any result, so OBuilder has built nothing there yet and creates the store at
+    its first start. Not ready (:class:`StoreSanityError`): the root's own parent is missing (a
+    volume not mounted), or the store is half there, or its DB is not OBuilder's.
+    """
+    if not root.exists():
+        if root.parent.is_dir():
+            raise StoreNotCreatedError(
+                f"{root} does not exist yet: OBuilder creates its store there at its first start; nothing to repair"
+            )
+        raise StoreSanityError(f"{root} does not exist, nor does {root.parent}: is its volume mounted? Refusing to act")
+    result = root / "result"
+    if root.is_dir() and not root.joinpath(*DB_PATH).exists() and not (result.is_dir() and any(result.iterdir())):
+        raise StoreNotCreatedError(
+            f"{root} holds no OBuilder DB and no result yet: OBuilder creates its store at its first start; "
+            "nothing to repair"
+        )
+    check_store(root, read_the_db=True)
+
+
+def wait_for_containerd(settings: Settings, seconds: float, *, sleep: Callable[[float], None] | None = None) -> None:
+    logging.getLogger("reconcile").info("waiting up to %gs for containerd at %s", seconds, settings.ctr.address)
+    ctr = Ctr(settings.ctr)
+    try:
+        if sleep is None:
+            ctr.wait_until_up(seconds)
+        else:
+            ctr.wait_until_up(seconds, sleep=sleep)
+    except CtrError as e:
+        raise ContainerdUnreachableError(f"containerd at {settings.ctr.address}: {e}") from e
+
+
+def no_worker_running(settings: Settings) -> None:
+    # Asked before every pass, not only the first: a worker that starts meanwhile makes
+    # boot semantics wrong (its containers and result-tmp/ entries are live).
+    running = platform.find_running(settings.worker_names)
+    if running:
+        raise WorkerRunningError(
+            f"a worker appears to be running ({', '.join(running)}): --once assumes every "
+            "obuilder-run-* container and result-tmp/ entry is dead; stop the worker or pass --force"
+        )
+
+
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = resolve_settings(args, env)
-    check_store(settings.store, read_the_db=True)
+    check_store_ready(settings.store)
     mode = Mode.BOOT if args.once else Mode.DAEMON
     options = settings.plan_options(mode)
 
-    def no_worker_running() -> None:
-        # Asked before every pass, not only the first: a worker that starts meanwhile makes
-        # boot semantics wrong (its containers and result-tmp/ entries are live).
-        running = platform.find_running(settings.worker_names)
-        if running:
-            raise WorkerRunningError(
-                f"a worker appears to be running ({', '.join(running)}): --once assumes every "
-                "obuilder-run-* container and result-tmp/ entry is dead; stop the worker or pass --force"
-            )
-
     wait = settings.wait_for_containerd.total_seconds()
     if wait > 0:
-        configure_logging(args.log_format)
-        logging.getLogger("reconcile").info("waiting up to %gs for containerd at %s", wait, settings.ctr.address)
-        Ctr(settings.ctr).wait_until_up(wait)
+        start_logging(args)
+        wait_for_containerd(settings, wait)
     if args.explain:
         return explain(args.explain, settings.ports(Reporter()), options, mode)
     if not args.once:
         return run_daemon(args, env, settings)
     if not args.force:
-        no_worker_running()
-
-    def go() -> int:
-        configure_logging(args.log_format)
-        printer = PlanPrinter(verbose=args.verbose, enabled=not (args.json or args.dry_run))
-        progress = ProgressReporter() if sys.stderr.isatty() and args.log_format == "text" else None
-        reporters: list[Reporter] = [printer, progress or LogReporter()]
-        if not args.dry_run:
-            reporters.insert(0, StatusFile(settings.status_path))
-        run = run_once(
-            settings.ports(Reporters(*reporters)),
-            settings.pass_options(mode, dry_run=args.dry_run),
-            max_passes=settings.max_passes,
-            before_pass=None if args.force else no_worker_running,
-        )
-        if progress is not None:
-            progress.close()
-        first = run.first.plan
-        assert first is not None
-        if args.json:
-            print(to_json(first, run))
-        else:
-            if not printer.printed:
-                print(render_plan(first, verbose=args.verbose))
-            print(render_summary(run))
-            if run.orphan_bytes_at_start is not None:
-                status = run.as_status()
-                print(f"Orphans held {run.orphan_bytes_at_start:,} bytes; {status.reclaimed_bytes or 0:,} reclaimed.")
-        if not args.dry_run:
-            # The whole run, over the last pass's report: what a boot script reads.
-            write_status(settings.status_path, run.as_status())
-        return run.exit_code
-
+        no_worker_running(settings)
     if args.dry_run:
-        return go()
+        return boot(args, settings)
     with StoreLock(settings.store):
-        return go()
+        return boot(args, settings)
+
+
+def boot(
+    args: argparse.Namespace, settings: Settings, *, console: bool = True, should_stop: Callable[[], bool] | None = None
+) -> int:
+    """``--once``: passes to convergence with boot semantics. ``console``: print the plan and summary."""
+    start_logging(args)
+    mode = Mode.BOOT
+    printer = PlanPrinter(verbose=args.verbose, enabled=console and not (args.json or args.dry_run))
+    progress = ProgressReporter() if console and sys.stderr.isatty() and args.log_format == "text" else None
+    reporters: list[Reporter] = [printer, progress or LogReporter()]
+    if not args.dry_run:
+        reporters.insert(0, StatusFile(settings.status_path))
+    options = settings.pass_options(mode, dry_run=args.dry_run)
+    if should_stop is not None:
+        options = replace(options, should_stop=should_stop)
+    run = run_once(
+        settings.ports(Reporters(*reporters)),
+        options,
+        max_passes=settings.max_passes,
+        before_pass=None if args.force else lambda: no_worker_running(settings),
+    )
+    if progress is not None:
+        progress.close()
+    first = run.first.plan
+    assert first is not None
+    if not console:
+        logging.getLogger("reconcile").info("boot pass: %s", render_summary(run).replace("\n", "; "))
+    elif args.json:
+        print(to_json(first, run))
+    else:
+        if not printer.printed:
+            print(render_plan(first, verbose=args.verbose))
+        print(render_summary(run))
+        if run.orphan_bytes_at_start is not None:
+            status = run.as_status()
+            print(f"Orphans held {run.orphan_bytes_at_start:,} bytes; {status.reclaimed_bytes or 0:,} reclaimed.")
+    if not args.dry_run:
+        # The whole run, over the last pass's report: what a boot script reads.
+        write_status(settings.status_path, run.as_status())
+    return run.exit_code
 
 
 class PlanPrinter(Reporter):
@@ -140,26 +211,134 @@ def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Setti
     """Beside a live worker, until SIGTERM/SIGINT. Never boot semantics, so no worker check."""
     if args.dry_run or args.json:
         raise UsageError("--dry-run and --json go with --once (or --explain); the daemon logs each pass")
+    start_logging(args)
+    with StoreLock(settings.store):
+        return serve(args, env, settings)
+
+
+def serve(
+    args: argparse.Namespace, env: Mapping[str, str], settings: Settings, *, stop: threading.Event | None = None
+) -> int:
+    """The daemon with its endpoints, the store's lock already held. ``stop``: the service's stop
+    flag (signals are then the service's business, not the daemon's)."""
     import anyio
 
     from controller.adapters.metrics import Endpoints, Metrics
     from controller.daemon import Daemon
 
-    configure_logging(args.log_format)
     metrics = Metrics()
     reporters = daemon_reporters(settings.status_path, metrics)
-    with StoreLock(settings.store):
-        daemon = Daemon(load=lambda: resolve_settings(args, env), reporter=reporters)
-        endpoints = None
-        if settings.metrics_address:
-            endpoints = Endpoints(settings.metrics_address, metrics, daemon.healthy, daemon.ready).start()
-            host = settings.metrics_address.rpartition(":")[0]
-            logging.getLogger("reconcile").info("serving /metrics, /healthz, /readyz on %s:%d", host, endpoints.port)
-        try:
-            return anyio.run(daemon.run)
-        finally:
-            if endpoints is not None:
-                endpoints.stop()
+    daemon = Daemon(load=lambda: resolve_settings(args, env), reporter=reporters, stop=stop)
+    endpoints = None
+    if settings.metrics_address:
+        endpoints = Endpoints(settings.metrics_address, metrics, daemon.healthy, daemon.ready).start()
+        host = settings.metrics_address.rpartition(":")[0]
+        logging.getLogger("reconcile").info("serving /metrics, /healthz, /readyz on %s:%d", host, endpoints.port)
+    try:
+        return anyio.run(daemon.run)
+    finally:
+        if endpoints is not None:
+            endpoints.stop()
+
+
+#: How long the service waits for containerd when the policy does not say: the service manager
+#: starts containerd's service first, but its pipe may answer a little later.
+SERVICE_CONTAINERD_WAIT = 120.0
+#: How often the service looks for a store OBuilder has not created yet.
+STORE_POLL = 10.0
+
+
+class ServiceSteps:
+    """The real steps of ``controller.service.ReconcileService``: ctr, the store, the daemon.
+
+    The store's lock is taken for the boot pass and held through the daemon, so no other
+    reconcile slips in between."""
+
+    def __init__(self, args: argparse.Namespace, env: Mapping[str, str]) -> None:
+        self.args = args
+        self.env = env
+        self.settings: Settings | None = None
+        self.lock: StoreLock | None = None
+
+    def _stop_sleep(self, stop: threading.Event) -> Callable[[float], None]:
+        def sleep(seconds: float) -> None:
+            if stop.wait(seconds):
+                raise StopRequested
+
+        return sleep
+
+    def wait_for_containerd(self, stop: threading.Event) -> None:
+        self.settings = settings = resolve_settings(self.args, self.env)
+        wait = settings.wait_for_containerd.total_seconds() or SERVICE_CONTAINERD_WAIT
+        wait_for_containerd(settings, wait, sleep=self._stop_sleep(stop))
+
+    def boot_pass(self, stop: threading.Event) -> ExitCode:
+        settings = self.settings or resolve_settings(self.args, self.env)
+        check_store_ready(settings.store)
+        no_worker_running(settings)
+        self.lock = StoreLock(settings.store).__enter__()
+        args = argparse.Namespace(**{**vars(self.args), "once": True, "dry_run": False, "json": False, "force": False})
+        return ExitCode(boot(args, settings, console=False, should_stop=stop.is_set))
+
+    def daemon(self, stop: threading.Event) -> ExitCode:
+        settings = self.settings or resolve_settings(self.args, self.env)
+        sleep = self._stop_sleep(stop)
+        said = False
+        while True:
+            try:
+                check_store_ready(settings.store)
+                break
+            except StoreNotCreatedError as e:
+                # OBuilder creates it when the worker first starts: nothing to look after until then.
+                if not said:
+                    logging.getLogger("reconcile").info("%s; looking again every %gs", e, STORE_POLL)
+                    said = True
+                sleep(STORE_POLL)
+        if self.lock is None:
+            self.lock = StoreLock(settings.store).__enter__()
+        return ExitCode(serve(self.args, self.env, settings, stop=stop))
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+            self.lock = None
+
+
+def run_service(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``reconcile service``: under the Windows service manager, or in this console."""
+    for flag in ("once", "dry_run", "json", "explain", "force"):
+        if getattr(args, flag):
+            raise UsageError(
+                f"reconcile service runs its own boot pass and daemon: --{flag.replace('_', '-')} does not go with it"
+            )
+    start_logging(args)
+
+    def make(manager: ServiceManager) -> ReconcileService:
+        return ReconcileService(manager, ServiceSteps(args, env))
+
+    if platform.IS_WINDOWS and not args.console:
+        from controller.adapters import winservice
+
+        return winservice.host(args.service_name, make)
+    service = make(ConsoleManager())
+    platform.on_console_stop(lambda: service.request_stop("console stop (Ctrl-C, Ctrl-Break or SIGTERM)"))
+    return int(service.run())
+
+
+class ConsoleManager:
+    """A service manager that only logs: ``reconcile service --console``, and any OS but Windows."""
+
+    def report(self, status: Status) -> None:
+        logging.getLogger("reconcile").info("service %s", status_line(status))
+
+
+def status_line(status: Status) -> str:
+    details = []
+    if status.state in (State.START_PENDING, State.STOP_PENDING):
+        details.append(f"checkpoint {status.checkpoint}, wait hint {status.wait_hint:g}s")
+    if status.state is State.STOPPED:
+        details.append(f"exit {int(status.exit_code)}")
+    return f"{status.state.value} ({'; '.join([*details, status.reason])})"
 
 
 def explain(name: str, ports: Ports, options: PlanOptions, mode: Mode) -> int:

@@ -5,13 +5,16 @@ gives it its ports (ctr, the store on disk, the wall clock), asks it for a pass
 within a few hundred milliseconds of an entry appearing or going under ``result/``
 or ``result-tmp/``, reloads the policy on SIGHUP or when its file changes (a bad
 policy, or one that moves the store, is refused and the old one kept), and stops on
-SIGTERM or SIGINT after the action under way.
+SIGTERM or SIGINT after the action under way. Under the service (``controller.service``)
+the stop comes from the service's stop flag instead, set from another thread: the
+service manager's stop and a console's Ctrl-C or Ctrl-Break alike.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -29,6 +32,8 @@ log = logging.getLogger("reconcile")
 
 #: /healthz fails when the event loop has not ticked for this long (seconds).
 HEARTBEAT_LIMIT = 10.0
+#: How often the daemon looks at an external stop flag (seconds).
+STOP_POLL = 0.5
 
 
 class Daemon:
@@ -40,8 +45,11 @@ class Daemon:
         reporter: Reporter | None = None,
         *,
         wire: Callable[[Settings, Reporter], Ports] = Settings.ports,
+        stop: threading.Event | None = None,
     ) -> None:
         self.load = load
+        #: Set from outside (the service): stop after the action under way. None: signals stop us.
+        self.external_stop = stop
         self.reporter = reporter or Reporter()
         self.wire = wire
         self.settings = load()
@@ -63,7 +71,7 @@ class Daemon:
     async def run(self) -> int:
         self._stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._signals)
+            tg.start_soon(self._signals if self.external_stop is None else self._watch_stop)
             tg.start_soon(self._watch)
             tg.start_soon(self._beat)
             await self.loop.run()
@@ -94,6 +102,14 @@ class Daemon:
                 log.info("stop requested; finishing the action under way")
                 self.request_stop()
                 return
+
+    async def _watch_stop(self) -> None:
+        # A threading.Event set by another thread cannot wake the event loop by itself; half a
+        # second is well inside a stop's budget (the action under way takes longer).
+        assert self.external_stop is not None
+        while not self.external_stop.is_set():
+            await anyio.sleep(STOP_POLL)
+        self.request_stop()
 
     def _reload(self, why: str) -> None:
         try:

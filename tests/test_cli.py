@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ from controller.cli import build_parser
 from controller.cli import main as cli_main
 from controller.commands import resolve_settings
 from controller.core.passes import PassOptions, run_once
-from controller.model.errors import WorkerRunningError
+from controller.model.errors import EXIT_RULES, ExitCode, WorkerRunningError
 from controller.model.outcome import Outcome, Result
 from controller.model.plan import Mode, PlanOptions
 from controller.model.records import ContainerdState, Snapshot, StoreState
@@ -34,8 +36,10 @@ def test_help_documents_every_flag_and_the_exit_codes() -> None:
     for flag in ("--once", "--dry-run", "--json", "--store", "--address", "--namespace", "--snapshotter",
                  "--ctr", "--force", "--explain"):  # fmt: skip
         assert flag in out.stdout
-    for line in ("0  converged", "1  did not converge", "2  usage", "3  --dry-run found drift"):
-        assert line in out.stdout
+    for rule in EXIT_RULES:
+        said = " ".join(out.stdout.split())  # the help wraps long lines
+        verdict = "[worker starts]" if rule.start_worker else "[worker stays down]"
+        assert f"{int(rule.code)} {' '.join(rule.meaning.split())} {verdict}" in said, rule.code
     assert "CONTAINERD_ADDRESS" in out.stdout
 
 
@@ -156,10 +160,10 @@ def test_a_worker_that_starts_during_once_stops_it_before_the_next_pass() -> Non
     assert len(looks) == 2 and "obuilder-b" in fake.parents, "the second pass never acted"
 
 
-def test_a_worker_that_appears_is_exit_2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_worker_that_appears_is_exit_9(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     root = create_store(tmp_path / "store")
     monkeypatch.setattr("controller.adapters.platform.find_running", lambda names: ["ocluster-worker (pid 4242)"])
-    assert cli_main(["--once", "--store", str(root), "--address", str(tmp_path / "none.sock")]) == 2
+    assert cli_main(["--once", "--store", str(root), "--address", str(tmp_path / "none.sock")]) == 9
 
 
 @pytest.mark.containerd
@@ -182,7 +186,7 @@ def test_wait_for_containerd_lets_a_boot_step_start_before_containerd(tmp_path: 
         assert b"waiting up to 60s for containerd" in err
         assert not set(leaked) & set(own.snapshot_keys("late"))
         unreachable = run_cli(*argv[:-1], "1s", "--address", str(tmp_path / "never.sock"))
-        assert unreachable.code == 1 and "did not answer within 1s" in unreachable.stderr
+        assert unreachable.code == 7 and "did not answer within 1s" in unreachable.stderr
     finally:
         own.stop()
 
@@ -216,7 +220,7 @@ def test_explain_beside_a_worker_dates_snapshots_by_containerd_not_by_history(
 
 
 @pytest.mark.parametrize("what", ["not executable", "a folder", "not a program"])
-def test_a_ctr_that_cannot_run_is_exit_2_with_a_message_not_a_traceback(tmp_path: Path, what: str) -> None:
+def test_a_ctr_that_cannot_run_is_exit_8_with_a_message_not_a_traceback(tmp_path: Path, what: str) -> None:
     root = create_store(tmp_path / "store")
     ctr = tmp_path / "ctr"
     if what == "a folder":
@@ -225,7 +229,7 @@ def test_a_ctr_that_cannot_run_is_exit_2_with_a_message_not_a_traceback(tmp_path
         ctr.write_bytes(b"#!/bin/sh\nexit 0\n" if what == "not executable" else b"\x7fELF garbage")
         ctr.chmod(0o644 if what == "not executable" else 0o755)
     run = run_cli("--once", "--store", str(root), "--ctr", str(ctr))
-    assert run.code == 2, run.stderr
+    assert run.code == 8, run.stderr
     assert f"cannot run '{ctr}'" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -234,5 +238,160 @@ def test_a_store_whose_db_is_not_obuilders_is_refused_before_anything_is_written
     (root / "state" / "db" / "db.sqlite").write_bytes(b"this is not SQLite" * 100)
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     run = run_cli("--once", "--store", str(root), "--address", str(tmp_path / "none.sock"))
-    assert run.code == 2 and "is not OBuilder's DB" in run.stderr, run.stderr
+    assert run.code == 5 and "is not OBuilder's DB" in run.stderr, run.stderr
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before, "the refused store was written to"
+
+
+# -- the exit-code contract, each code from the real command -----------------------------
+
+
+def test_every_exit_code_has_one_rule_and_every_error_one_code() -> None:
+    import controller.model.errors as errors
+
+    assert [r.code for r in EXIT_RULES] == list(ExitCode)
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ReconcileError)]
+    mapped = {c for r in EXIT_RULES for c in r.errors}
+    # Every error a boot chain can meet is named; the rest (layerinfo, unsafe path) fail a pass: exit 1.
+    for cls in classes:
+        code = errors.exit_code_for(cls.__new__(cls))
+        assert code in ExitCode
+        if cls not in (errors.ReconcileError, errors.LayerinfoError, errors.UnsafePathError, errors.CtrTimeoutError):
+            assert cls in mapped, cls
+    assert errors.exit_code_for(errors.StoreNotCreatedError("x")) == ExitCode.STORE_NOT_CREATED
+    assert errors.exit_code_for(errors.WorkerRunningError("x")) == ExitCode.WORKER_RUNNING
+
+
+def test_readme_exit_code_table_matches_the_contract() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = {int(m[0]): m[1] for m in re.findall(r"^\| `(\d+)` \|[^|]*\|\s*(starts|stays down)[^|]*\|", readme, re.M)}
+    assert rows == {int(r.code): "starts" if r.start_worker else "stays down" for r in EXIT_RULES}
+
+
+def test_a_root_that_does_not_exist_yet_is_exit_4_and_nothing_is_created(tmp_path: Path) -> None:
+    missing = tmp_path / "obuilder"
+    run = run_cli("--once", "--store", str(missing), "--address", str(tmp_path / "none.sock"))
+    assert run.code == 4 and "does not exist yet" in run.stderr, run.stderr
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    (empty / "result").mkdir(parents=True)
+    run = run_cli("--once", "--store", str(empty), "--address", str(tmp_path / "none.sock"))
+    assert run.code == 4 and "no OBuilder DB and no result yet" in run.stderr, run.stderr
+    assert sorted(p.name for p in empty.rglob("*")) == ["result"], "a store not created yet was written to"
+
+
+@pytest.mark.parametrize("what", ["volume missing", "results without a DB", "DB without result/"])
+def test_a_store_that_is_half_there_is_exit_5(tmp_path: Path, what: str) -> None:
+    if what == "volume missing":
+        root = tmp_path / "D" / "obuilder"
+    else:
+        root = create_store(tmp_path / "store")
+        if what == "results without a DB":
+            (root / "result" / "abc").mkdir()
+            (root / "state" / "db" / "db.sqlite").unlink()
+        else:
+            (root / "result").rmdir()
+    run = run_cli("--once", "--store", str(root), "--address", str(tmp_path / "none.sock"))
+    assert run.code == 5, run.stderr
+    assert ("is its volume mounted" if what == "volume missing" else "does not look like an OBuilder store") in (
+        run.stderr
+    )
+
+
+def test_a_held_lock_is_exit_6(tmp_path: Path) -> None:
+    from controller.adapters.lock import StoreLock
+
+    root = create_store(tmp_path / "store")
+    with StoreLock(root):
+        run = run_cli("--once", "--store", str(root), "--address", str(tmp_path / "none.sock"))
+    assert run.code == 6 and "another reconcile holds" in run.stderr, run.stderr
+
+
+@pytest.mark.containerd
+def test_containerd_not_answering_within_the_wait_is_exit_7(containerd: PrivateContainerd, tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    # The real ctr, asked at an address where nothing listens.
+    run = run_cli(
+        "--once", "--store", str(root), "--address", str(tmp_path / "none.sock"), "--wait-for-containerd", "1s"
+    )
+    assert run.code == 7 and "did not answer within 1s" in run.stderr, run.stderr
+
+
+def test_a_ctr_that_is_not_there_is_exit_8(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    run = run_cli("--once", "--store", str(root), "--ctr", str(tmp_path / "no-ctr.exe"))
+    assert run.code == 8 and "cannot run" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_worker_running_is_exit_9_from_the_real_command(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    exe = tmp_path / "ocluster-worker"
+    shutil.copy("/bin/busybox", exe)
+    # busybox picks its applet from argv[0]: a process named as the worker, acting as sleep.
+    worker = subprocess.Popen(["sleep", "600"], executable=str(exe))
+    try:
+        run = run_cli("--once", "--store", str(root), "--address", str(tmp_path / "none.sock"))
+    finally:
+        worker.kill()
+        worker.wait()
+    assert run.code == 9 and "ocluster-worker" in run.stderr, run.stderr
+
+
+def test_a_bad_policy_is_exit_2_before_the_store_is_looked_at(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY_HEAD + "spec:\n  timing: {gracePeriod: 10 minutes}\n")
+    run = run_cli("--once", "--policy", str(policy), "--store", str(tmp_path / "D" / "obuilder"))
+    assert run.code == 2 and f"{policy}:5:25: spec.timing.gracePeriod: invalid duration" in run.stderr
+
+
+# -- check-policy ------------------------------------------------------------------------
+
+POLICY_HEAD = "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: pool}\n"
+
+
+def test_check_policy_needs_no_store_worker_or_containerd(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        POLICY_HEAD + "spec:\n  store: {root: 'D:\\obuilder'}\n  containerd: {ctr: 'C:\\nowhere\\ctr.exe'}\n"
+        "  protect: {baseImages: [a, b], snapshotKeys: ['obuilder-base-*']}\n  timing: {gracePeriod: 2m}\n"
+    )
+    run = run_cli("check-policy", str(policy))
+    assert run.code == 0, run.stderr
+    assert run.stdout.count("\n") == 1
+    assert run.stdout.startswith(f"{policy}: ok: ReconcilePolicy 'pool': store D:\\obuilder")
+    assert "protects 2 base images and 1 key globs, gracePeriod 2m" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("spec:\n  timing:\n    gracePeriods: 10m\n", ":6:5: spec.timing.gracePeriods: unknown field"),
+        ("spec:\n  timing: {gracePeriod: [1}\n", ":5:"),
+        ("spec: !!python/object:os.system {}\n", ":4:7: spec: YAML tag"),
+    ],
+)
+def test_check_policy_names_file_line_and_column_and_exits_2(tmp_path: Path, text: str, said: str) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY_HEAD + text)
+    run = run_cli("check-policy", str(policy))
+    assert run.code == 2 and run.stdout == ""
+    assert f"reconcile: {policy}{said}" in run.stderr, run.stderr
+
+
+def test_check_policy_of_a_missing_file_or_without_one_is_exit_2(tmp_path: Path) -> None:
+    missing = run_cli("check-policy", str(tmp_path / "nope.yaml"))
+    assert missing.code == 2 and "cannot read" in missing.stderr
+    assert run_cli("check-policy").code == 2
+
+
+def test_check_policy_imports_the_policy_loader_and_nothing_of_a_run(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY_HEAD)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "controller", "check-policy", str(policy)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    imported = set(re.findall(r"\|\s*(controller[\w.]*)\s*$", proc.stderr, re.M))
+    assert "controller.config.policy" in imported
+    assert not imported & {"controller.config.settings", "controller.commands", "controller.adapters.ctr",
+                           "controller.core.passes", "controller.adapters.store"}, imported  # fmt: skip

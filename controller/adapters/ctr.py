@@ -71,6 +71,7 @@ class Ctr:
                 stdin=subprocess.DEVNULL,
                 timeout=self.settings.timeout,
                 check=False,
+                **platform.child_process_options(),
             )
         except OSError as e:
             # Missing, not executable, a folder, or not a program at all (ENOEXEC): no pass can work.

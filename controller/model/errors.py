@@ -1,10 +1,14 @@
 """Every exception the controller raises on purpose, in one flat module.
 
 ctr and OS failures are wrapped in these with ``raise ... from`` so callers can
-tell a condition the user can act on from a programming error.
+tell a condition the user can act on from a programming error. Each maps to one exit
+code (``EXIT_RULES``, the contract a boot chain acts on); ``exit_code_for`` reads it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
 
 
 class ReconcileError(Exception):
@@ -29,6 +33,12 @@ class StoreSanityError(ReconcileError):
     An unmounted or mistyped root would make every snapshot look orphaned, so
     the controller refuses to act rather than guess.
     """
+
+
+class StoreNotCreatedError(StoreSanityError):
+    """Raised when the store does not exist yet: the root is missing (its parent exists) or holds
+    no DB and no result, so OBuilder has built nothing there. OBuilder creates it at its first
+    start; there is nothing to repair and nothing to judge against, so nothing is touched."""
 
 
 class StoreReadError(ReconcileError):
@@ -70,5 +80,113 @@ class CtrNotFoundError(ReconcileError):
     """Raised when the ctr executable itself cannot be started."""
 
 
+class ContainerdUnreachableError(ReconcileError):
+    """Raised when containerd did not answer within the wait (``--wait-for-containerd``)."""
+
+
 class UnsafePathError(ReconcileError):
     """Raised when removing a path would leave the store (symlink, junction, `..`)."""
+
+
+class ExitCode(IntEnum):
+    """What ``reconcile`` exits with. A boot chain acts on these, so they never change meaning."""
+
+    OK = 0
+    NOT_CONVERGED = 1
+    USAGE = 2
+    DRIFT = 3
+    STORE_NOT_CREATED = 4
+    STORE_NOT_READY = 5
+    LOCKED = 6
+    CONTAINERD_UNREACHABLE = 7
+    CTR_MISSING = 8
+    WORKER_RUNNING = 9
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    code: ExitCode
+    #: What it means, as the help and the README say it.
+    meaning: str
+    #: Whether a boot chain (the Windows service, the systemd boot unit) lets the worker start.
+    start_worker: bool
+    #: Why it starts or stays down: what a Windows admin reads beside the code.
+    why: str
+    #: The errors that exit with it (most specific first), none for codes a run's result gives.
+    errors: tuple[type[ReconcileError], ...] = ()
+
+
+#: The one table: code, meaning, what a boot chain does, and the errors behind it.
+EXIT_RULES: tuple[ExitRule, ...] = (
+    ExitRule(ExitCode.OK, "converged (with --dry-run: nothing to do)", True, "the store is repaired"),
+    ExitRule(
+        ExitCode.NOT_CONVERGED,
+        "did not converge: stuck objects and their reasons are printed (also: a ctr call or a store read "
+        "failed during a pass)",
+        True,
+        "what was repaired stays repaired; the daemon keeps trying beside the worker",
+        (CtrError, StoreReadError),
+    ),
+    ExitRule(
+        ExitCode.USAGE,
+        "usage or policy error (nothing was touched)",
+        False,
+        "our configuration is broken: fix the policy (reconcile check-policy FILE) or the flags",
+        (UsageError, PolicyError),
+    ),
+    ExitRule(ExitCode.DRIFT, "--dry-run found drift", True, "a dry run changes nothing"),
+    ExitRule(
+        ExitCode.STORE_NOT_CREATED,
+        "the store does not exist yet (root missing, or no DB and no result): nothing was touched",
+        True,
+        "OBuilder creates the store at its first start; there is nothing to repair",
+        (StoreNotCreatedError,),
+    ),
+    ExitRule(
+        ExitCode.STORE_NOT_READY,
+        "the store is not ready: its volume is missing, or it lacks result/ or the DB, or the DB is not "
+        "OBuilder's (nothing was touched)",
+        False,
+        "an unmounted or half-there store: a worker started on it could build on the wrong disk",
+        (StoreSanityError,),
+    ),
+    ExitRule(
+        ExitCode.LOCKED,
+        "another reconcile holds the store's lock",
+        False,
+        "another repair is under way (a --once with the worker down): a worker started now would run beside it",
+        (LockedError,),
+    ),
+    ExitRule(
+        ExitCode.CONTAINERD_UNREACHABLE,
+        "containerd did not answer within --wait-for-containerd",
+        False,
+        "the worker cannot build without containerd either; start it once containerd answers",
+        (ContainerdUnreachableError,),
+    ),
+    ExitRule(
+        ExitCode.CTR_MISSING,
+        "ctr is missing, not executable or not a program",
+        False,
+        "our configuration is broken: spec.containerd.ctr or --ctr names no program",
+        (CtrNotFoundError,),
+    ),
+    ExitRule(
+        ExitCode.WORKER_RUNNING,
+        "--once found a worker running (pass --force, or stop it)",
+        True,
+        "the worker is already running: the service skips the boot pass and runs as the daemon",
+        (WorkerRunningError,),
+    ),
+)
+
+RULE_FOR: dict[ExitCode, ExitRule] = {r.code: r for r in EXIT_RULES}
+
+
+def exit_code_for(error: ReconcileError) -> ExitCode:
+    """The exit code of an error: the rule naming its most specific class."""
+    for cls in type(error).__mro__:
+        for rule in EXIT_RULES:
+            if cls in rule.errors:
+                return rule.code
+    return ExitCode.NOT_CONVERGED

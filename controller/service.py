@@ -1,0 +1,205 @@
+"""The reconcile service's life, in plain Python: what a service manager sees of it.
+
+    start-pending  waiting for containerd, then the boot pass (``--once`` semantics: the
+                   worker's service depends on ours, so the worker is not running yet); a
+                   checkpoint every few seconds tells the manager we are alive
+    running        the daemon beside the worker, until a stop is requested
+    stop-pending   the action under way finishes (one ctr call or one directory)
+    stopped        with exit code 0, or with the code and reason of a failure
+
+The service manager starts the worker only once this service reports running, so the
+worker never starts before the repair. A boot pass that ends in a way that must keep the
+worker down (``ExitRule.start_worker`` false: a bad policy, a store that is not ready,
+another repair holding the lock, containerd not answering, no ctr) stops the service as
+failed, with the reason, before it ever reports running: the worker, which depends on it,
+does not start, and the manager says why. A boot pass that merely did not converge goes on
+to running: what it repaired stays repaired and the daemon keeps trying.
+
+The steps (what waiting, the boot pass and the daemon do) and the manager come from
+outside: ``controller.commands`` wires the real ones, ``controller.adapters.winservice``
+is the Windows service control manager, and the tests record the reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from controller.model.errors import RULE_FOR, ExitCode, ReconcileError, exit_code_for
+
+log = logging.getLogger("reconcile")
+
+
+class State(Enum):
+    START_PENDING = "start-pending"
+    RUNNING = "running"
+    STOP_PENDING = "stop-pending"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Status:
+    """One report to the service manager."""
+
+    state: State
+    #: Counts up while pending, so the manager sees progress; 0 otherwise.
+    checkpoint: int = 0
+    #: Seconds the manager should wait for the next report before it gives up on us.
+    wait_hint: float = 0.0
+    #: Stopped: ours (see ``controller.model.errors.EXIT_RULES``); 0 is a clean stop.
+    exit_code: ExitCode = ExitCode.OK
+    #: What we are doing, or why we stopped.
+    reason: str = ""
+
+
+class ServiceManager(Protocol):
+    def report(self, status: Status) -> None: ...
+
+
+class StopRequested(Exception):
+    """Raised by a step that was waiting (for containerd, for the store) when a stop arrived."""
+
+
+class Steps(Protocol):
+    """What the service does in each phase. Each may raise a ``ReconcileError`` (its exit
+    code says what a boot chain does) or ``StopRequested``."""
+
+    def wait_for_containerd(self, stop: threading.Event) -> None: ...
+
+    def boot_pass(self, stop: threading.Event) -> ExitCode:
+        """``--once`` to convergence; the action under way finishes when ``stop`` is set."""
+        ...
+
+    def daemon(self, stop: threading.Event) -> ExitCode:
+        """The daemon, until ``stop`` is set; then the action under way finishes."""
+        ...
+
+    def close(self) -> None:
+        """Release what the steps hold (the store's lock), whatever happened."""
+        ...
+
+
+class ReconcileService:
+    def __init__(
+        self,
+        manager: ServiceManager,
+        steps: Steps,
+        *,
+        checkpoint_every: float = 5.0,
+        wait_hint: float = 30.0,
+    ) -> None:
+        self.manager = manager
+        self.steps = steps
+        self.checkpoint_every = checkpoint_every
+        self.wait_hint = wait_hint
+        #: The one stop flag: the service manager's stop and a console's Ctrl-C/Ctrl-Break both set it.
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._status = Status(State.STOPPED)
+        self._ended = threading.Event()
+
+    @property
+    def state(self) -> State:
+        return self._status.state
+
+    @property
+    def status(self) -> Status:
+        """The last status reported (a manager's interrogation gets it again)."""
+        return self._status
+
+    def request_stop(self, why: str = "stop requested") -> None:
+        with self._lock:
+            first = not self.stop.is_set()
+            self.stop.set()
+            if self._status.state in (State.START_PENDING, State.RUNNING):
+                self._enter(State.STOP_PENDING, "finishing the action under way")
+        if first:
+            log.info("%s; finishing the action under way", why)
+
+    def run(self) -> ExitCode:
+        """From start-pending to stopped; returns the exit code the service stopped with."""
+        self._ended.clear()
+        with self._lock:
+            self._enter(State.START_PENDING, "waiting for containerd")
+        beater = threading.Thread(target=self._beat, name="service checkpoints", daemon=True)
+        beater.start()
+        code = ExitCode.NOT_CONVERGED
+        reason = "stopped unexpectedly"
+        try:
+            code, reason = self._phases()
+        except Exception as e:
+            # A bug: stop as failed, so the manager's recovery actions restart us.
+            log.exception("service failed")
+            reason = f"failed: {type(e).__name__}: {e}"
+        finally:
+            try:
+                self.steps.close()
+            finally:
+                self._ended.set()
+                beater.join()
+                if code == ExitCode.OK:
+                    log.info("service stopped: %s", reason)
+                else:
+                    log.error("service failed (exit %d): %s", code, reason)
+                with self._lock:
+                    self._status = Status(State.STOPPED, exit_code=code, reason=reason)
+                    self.manager.report(self._status)
+        return code
+
+    def _phases(self) -> tuple[ExitCode, str]:
+        try:
+            self.steps.wait_for_containerd(self.stop)
+            self._move(State.START_PENDING, "boot pass")
+            boot = self.steps.boot_pass(self.stop)
+        except StopRequested:
+            return ExitCode.OK, "stopped before the boot pass ended"
+        except ReconcileError as e:
+            boot = exit_code_for(e)
+            rule = RULE_FOR[boot]
+            if not rule.start_worker:
+                return boot, f"boot pass: {e} (exit {int(boot)}: {rule.why}; the worker stays down)"
+            log.warning("boot pass: %s (exit %d: %s; the worker starts)", e, boot, rule.why)
+        if self.stop.is_set():
+            return ExitCode.OK, "stopped during the boot pass, after the action under way"
+        if boot != ExitCode.OK:
+            log.warning("boot pass ended with exit %d (%s); the worker starts", boot, RULE_FOR[boot].meaning)
+        if not self._move(State.RUNNING, f"boot pass exit {int(boot)}; running as the daemon"):
+            return ExitCode.OK, "stopped after the boot pass"
+        try:
+            code = self.steps.daemon(self.stop)
+        except StopRequested:
+            code = ExitCode.OK
+        except ReconcileError as e:
+            code = exit_code_for(e)
+            return code, f"daemon: {e} (exit {int(code)})"
+        return code, "stopped" if code == ExitCode.OK else f"daemon ended with exit {int(code)}"
+
+    def _move(self, state: State, reason: str) -> bool:
+        """Enter ``state`` unless a stop came first (then stop-pending stays)."""
+        with self._lock:
+            if self.stop.is_set():
+                return False
+            self._enter(state, reason)
+            return True
+
+    def _enter(self, state: State, reason: str) -> None:
+        # Called with the lock held, so reports never cross.
+        pending = state in (State.START_PENDING, State.STOP_PENDING)
+        self._status = Status(
+            state,
+            checkpoint=self._status.checkpoint + 1 if pending else 0,
+            wait_hint=self.wait_hint if pending else 0.0,
+            reason=reason,
+        )
+        self.manager.report(self._status)
+
+    def _beat(self) -> None:
+        """While pending, a checkpoint every ``checkpoint_every`` seconds: the boot pass and the
+        last action can take minutes, and a manager that sees no progress gives up on us."""
+        while not self._ended.wait(self.checkpoint_every):
+            with self._lock:
+                if self._status.state in (State.START_PENDING, State.STOP_PENDING) and not self._ended.is_set():
+                    self._enter(self._status.state, self._status.reason)
