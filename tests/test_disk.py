@@ -22,7 +22,6 @@ from controller.adapters.disk import (
     ReclaimLedger,
     layer_ids,
     mount_paths,
-    reported_layer_paths,
     tree_bytes,
 )
 from controller.adapters.store import observe_store
@@ -146,6 +145,12 @@ def test_windows_rm_and_unclaimed_folders_are_named_with_their_bytes(tmp_path: P
         UnknownFolder(name="4", reason="unclaimed", size_bytes=4000),
     )
     assert (drift.unknown_bytes, drift.removed_bytes, drift.unattributed) == (4507, 500, 0)
+    assert drift.by_reason() == {
+        "removed": (1, 500),
+        "unfinished": (1, 7),
+        "not-a-snapshot": (0, 0),
+        "unclaimed": (1, 4000),
+    }
     assert observer.calls == 3  # namespaces, one listing, one mounts
 
 
@@ -242,13 +247,32 @@ def test_a_layer_folder_the_garbage_collector_could_not_delete_is_reported_with_
     assert _folders(snapshots) - before == {removed}, containerd.log_tail()
 
     store = observe_store(world.root)
-    drift = observer_for(containerd, namespace).observe(reported_layer_paths(ContainerdState(), store))
+    observer = observer_for(containerd, namespace)
+    drift = observer.observe_states(ContainerdState(), store)
     assert drift.folder == str(snapshots)
     assert UnknownFolder(name=removed, reason="removed", size_bytes=123_456) in drift.unknown
     known = {layer_ids([e.layerinfo.source], SNAPSHOTTER)[1].pop() for e in store.results if e.layerinfo}
     assert known and not known & {f.name for f in drift.unknown}, "a folder containerd knows was reported"
     assert drift.removed_bytes >= 123_456
     assert kept
+    # Reclaimed bytes are what left the disk: a second leak, measured as a pass measures it
+    # (``snapshots usage``), leaves its immutable file behind; the rest of it did go.
+    assert observer.reclaimed(0, drift) == 0  # the first look is the baseline
+    source2, _ = world.prepare("obuilder-leak2", base + "-committed")
+    (Path(source2) / "held.dll").write_bytes(b"y" * 50_000)
+    immutable.append(Path(source2).with_name("rm-" + Path(source2).name) / "held.dll")
+    immutable.append(Path(source2) / "held.dll")
+    assert subprocess.run(["chattr", "+i", str(Path(source2) / "held.dll")], check=False).returncode == 0
+    usage = observer.ctr.usage(["obuilder-leak2"])["obuilder-leak2"]
+    world.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", "--", "obuilder-leak2")
+    removed2 = "rm-" + Path(source2).name
+    deadline = time.monotonic() + 20
+    while removed2 not in _folders(snapshots) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = observer.observe_states(ContainerdState(), store)
+    assert after.removed_bytes == drift.removed_bytes + 50_000
+    assert usage > 50_000
+    assert observer.reclaimed(usage, after) == usage - 50_000
 
 
 @pytest.mark.containerd

@@ -143,6 +143,7 @@ class DiskObserver:
         #: A Ctr for another namespace (its own, so its calls are counted here, not in the pass's).
         self.for_namespace = for_namespace or (lambda name: Ctr(replace(ctr.settings, namespace=name)))
         self.calls = 0
+        self.ledger = ReclaimLedger()
 
     def observe(self, layer_paths: Iterable[str] = ()) -> DiskDrift:
         """Folders the snapshotter holds that containerd does not know, with their bytes.
@@ -153,7 +154,7 @@ class DiskObserver:
         snapshotter = self.ctr.settings.snapshotter
         paths = list(layer_paths)
         folder, claimed = layer_ids(paths, snapshotter)
-        names: list[str] | None = None
+        names: list[str] | str = "not listed"
         if folder is not None:
             # The folder before the snapshots: a snapshot prepared in between is in neither
             # count, never a folder without its snapshot.
@@ -168,8 +169,8 @@ class DiskObserver:
             if folder is None:
                 return DiskDrift(snapshots=snapshots)
             names = self._listing(folder)
-        if names is None:
-            return DiskDrift(folder=folder, snapshots=snapshots, error=f"{folder}: cannot list it")
+        if isinstance(names, str):
+            return DiskDrift(folder=folder, snapshots=snapshots, error=f"{folder}: cannot list: {names}")
         ids = [n for n in names if n.isdecimal()]
         unknown = [(n, r) for n in sorted(names) if (r := _reason(n)) is not None]
         surplus = len(ids) - snapshots
@@ -197,11 +198,21 @@ class DiskObserver:
             unattributed=unattributed,
         )
 
-    def _listing(self, folder: str) -> list[str] | None:
+    def observe_states(self, containerd: ContainerdState, store: StoreState) -> DiskDrift:
+        """:meth:`observe` with the layer paths a pass's observation holds."""
+        return self.observe(reported_layer_paths(containerd, store))
+
+    def reclaimed(self, removed_bytes: int | None, drift: DiskDrift | None) -> int | None:
+        """What a pass reclaimed on disk, from what containerd measured of the snapshots it
+        removed (None when it measured nothing) and this pass's look at the disk."""
+        return None if removed_bytes is None else self.ledger.account(removed_bytes, drift)
+
+    def _listing(self, folder: str) -> list[str] | str:
+        """The folder's names, or why they could not be read."""
         try:
             return os.listdir(platform.long_path(folder))
-        except OSError:
-            return None
+        except OSError as e:
+            return e.strerror or str(e)
 
     def _namespaces(self) -> list[Ctr]:
         self.calls += 1

@@ -8,7 +8,7 @@ the disk's side of the story, so "removed" can be told from "reclaimed".
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from controller.model.records import Record
 
@@ -18,6 +18,8 @@ from controller.model.records import Record
 #: ``not-a-snapshot``: a name the snapshotter never gives (someone else put it there);
 #: ``unclaimed``: an id no snapshot containerd lists has (told only when certain).
 UnknownReason = Literal["removed", "unfinished", "not-a-snapshot", "unclaimed"]
+#: Every reason, in that order: a metric's labels exist at 0 from the start.
+UNKNOWN_REASONS: tuple[UnknownReason, ...] = get_args(UnknownReason)
 
 
 class UnknownFolder(Record):
@@ -49,3 +51,11 @@ class DiskDrift(Record):
     #: Id-named folders beyond the snapshots containerd lists that could not be told
     #: apart from its own (no layer path names every snapshot's folder): counted, not named.
     unattributed: int = 0
+
+    def by_reason(self) -> dict[str, tuple[int, int]]:
+        """Folders and bytes per reason, every reason present (0, 0 when none)."""
+        out: dict[str, tuple[int, int]] = {reason: (0, 0) for reason in UNKNOWN_REASONS}
+        for f in self.unknown:
+            folders, size = out[f.reason]
+            out[f.reason] = (folders + 1, size + f.size_bytes)
+        return out
