@@ -8,11 +8,15 @@ from what the model generates, so neither can drift from the code.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from controller.model.policy import API_VERSION, KIND, ReconcilePolicySpec
 
@@ -48,6 +52,36 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def field_docs(cls: type[BaseModel]) -> dict[str, str]:
+    """The string literal under each field of a model class: its description."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs: dict[str, str] = {}
+    for stmt, after in zip(body.body, body.body[1:], strict=False):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _documented() -> type[ReconcilePolicySpec]:
+    """The spec model with its fields' docstrings as descriptions. Read here rather than by
+    pydantic at import (use_attribute_docstrings), which would parse the source in every run."""
+    sections = [f.annotation for f in ReconcilePolicySpec.model_fields.values()]
+    for cls in (*sections, ReconcilePolicySpec):
+        assert isinstance(cls, type) and issubclass(cls, BaseModel)
+        docs = field_docs(cls)
+        for name, info in cls.model_fields.items():
+            info.description = info.description or docs.get(name)
+        cls.model_rebuild(force=True)
+    return ReconcilePolicySpec
+
+
 def spec_defaults() -> dict[str, dict[str, Any]]:
     """Every field's default as it would be written in a policy file (``10m``, not ``PT10M``)."""
     dumped: dict[str, dict[str, Any]] = ReconcilePolicySpec().model_dump(mode="json", by_alias=True)
@@ -55,7 +89,7 @@ def spec_defaults() -> dict[str, dict[str, Any]]:
 
 
 def spec_schema() -> dict[str, Any]:
-    raw = ReconcilePolicySpec.model_json_schema(by_alias=True)
+    raw = _documented().model_json_schema(by_alias=True)
     schema = _structural(raw, raw.get("$defs", {}))
     defaults = spec_defaults()
     for section, sub in schema["properties"].items():

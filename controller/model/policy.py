@@ -83,7 +83,8 @@ class _Model(BaseModel):
         frozen=True,
         alias_generator=to_camel,
         populate_by_name=True,
-        use_attribute_docstrings=True,
+        # Not use_attribute_docstrings: it parses this file's source at every import, a tenth of a
+        # run's start-up; controller.config.crd reads the docstrings when it generates the reference.
     )
 
 
