@@ -263,6 +263,37 @@ def test_a_deep_tree_is_removed_without_recursion(store: Path) -> None:
     assert not os.path.lexists(entry)
 
 
+def test_a_store_whose_state_folder_is_on_another_volume_deletes_in_place(store: Path) -> None:
+    entry = store / "cache-tmp" / "c"
+    (entry / "sub").mkdir(parents=True)
+    (entry / "sub" / "f").write_text("f")
+
+    class OtherVolume(platform.FileOps):
+        def rename(self, src: str, dst: str) -> None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", src)
+
+    assert StoreCleaner(store, ops=OtherVolume()).remove_cache_tmp("c").outcome is Outcome.REMOVED
+    assert not os.path.lexists(entry)
+    assert trash_of(store) == []
+
+
+def test_only_a_held_file_is_retried(tmp_path: Path) -> None:
+    tries: list[str] = []
+
+    def refuse() -> None:
+        tries.append("x")
+        raise _winerror(5, "Access is denied", "f")
+
+    slept: list[float] = []
+    with pytest.raises(PermissionError):
+        platform.retry_while_held(refuse, sleep=slept.append)
+    assert (tries, slept) == (["x"], [])
+    with pytest.raises(PermissionError):
+        platform.retry_while_held(refuse, codes=frozenset({5}), sleep=slept.append)
+    assert len(tries) == 1 + len(platform.SHARING_BACKOFF) + 1
+    assert sum(slept) < 2, "bounded: a held file costs at most about 1.5 s"
+
+
 # -- paths ----------------------------------------------------------------------------
 
 

@@ -430,7 +430,14 @@ def open_shared(path: str | os.PathLike[str]) -> BinaryIO:
 _INVALID_HANDLE = (1 << 64) - 1 if sys.maxsize > 2**32 else (1 << 32) - 1
 
 
+_kernel32_loaded: Any = None
+
+
 def _kernel32() -> Any:
+    # Loaded once: a full store read opens thousands of layerinfo files.
+    global _kernel32_loaded
+    if _kernel32_loaded is not None:
+        return _kernel32_loaded
     import ctypes
 
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined,unused-ignore]
@@ -440,6 +447,7 @@ def _kernel32() -> Any:
     )  # fmt: skip
     kernel32.CreateFileW.restype = ctypes.c_void_p
     kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
+    _kernel32_loaded = kernel32
     return kernel32
 
 
