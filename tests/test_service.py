@@ -5,6 +5,7 @@ pywin32 modules, and a console stop that reaches us but not the ctr call under w
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -472,3 +473,59 @@ def test_ctr_children_get_their_own_process_group_on_both_systems(monkeypatch: p
     assert platform.child_process_options() == {"process_group": 0}
     monkeypatch.setattr(platform, "IS_WINDOWS", True)
     assert platform.child_process_options() == {"creationflags": 0x200}  # CREATE_NEW_PROCESS_GROUP
+
+
+# -- the Windows installer: it cannot run here, so its structure is checked against the Python side
+
+INSTALLER = Path(__file__).parent.parent / "examples" / "windows" / "install-obuilder-reconcile.ps1"
+#: PowerShell's automatic variables the script may use without defining them.
+AUTOMATIC = {"_", "true", "false", "null", "LASTEXITCODE", "ErrorActionPreference", "Matches"}
+
+
+def _ps_code(text: str) -> str:
+    """The script without its comments (the help block and # lines), where names are prose."""
+    text = re.sub(r"<#.*?#>", "", text, flags=re.S)
+    return "\n".join(line.split(" # ")[0] if not line.lstrip().startswith("#") else "" for line in text.splitlines())
+
+
+def test_the_installer_uses_only_variables_it_defines() -> None:
+    # Set-StrictMode makes an undefined variable a failure on Windows; here it is caught on Linux.
+    code = _ps_code(INSTALLER.read_text())
+    params = set(re.findall(r"\[(?:string|switch)\]\s*\$(\w+)", code.split(")\nSet-StrictMode")[0]))
+    assert {"Python", "Policy", "Uninstall", "ServiceName", "StateDir", "WorkerExe", "ContainerdService"} <= params
+    assigned = set(re.findall(r"\$(\w+)\s*=[^=]", code))
+    loops = set(re.findall(r"foreach\s*\(\$(\w+)\s+in", code))
+    function_params = {
+        v for sig in re.findall(r"function [\w-]+\(([^)]*)\)", code) for v in re.findall(r"\$(\w+)", sig)
+    }
+    used = set(re.findall(r"\$\{?([A-Za-z_]\w*)", code)) - {"env"}
+    undefined = used - params - assigned - loops - function_params - AUTOMATIC
+    assert not undefined, f"used but never defined: {sorted(undefined)}"
+
+
+def test_the_installer_calls_only_flags_and_subcommands_the_python_side_has() -> None:
+    code = _ps_code(INSTALLER.read_text())
+    bin_path = re.search(r"\$binPath = (.*?)\n\n", code, re.S)
+    assert bin_path is not None
+    service = bin_path.group(1)
+    assert "-m controller service " in service
+    known = build_service_parser()._option_string_actions
+    flags = re.findall(r"(--[\w-]+)", service)
+    assert flags and all(f in known for f in flags), [f for f in flags if f not in known]
+    assert re.search(r"-m controller check-policy \$Policy", code), "the policy is not checked with check-policy"
+    # What the issue found broken in the old script must not come back.
+    assert "--dry-run" not in code and "*>>" not in code and "RestartCount" not in code
+    assert "Register-ScheduledTask" not in code
+    # Recovery actions that apply to our failures (a stop with a non-zero code), not only crashes.
+    assert re.search(r"'failure', \$ServiceName, .*'restart/", code) and "'failureflag', $ServiceName, '1'" in code
+    # The worker is found by its executable, and depends on us.
+    assert "Win32_Service" in code and "PathName" in code and "-DependsOn $ContainerdService" in code
+
+
+def test_the_installer_examples_pass_only_parameters_it_declares() -> None:
+    text = INSTALLER.read_text()
+    code = _ps_code(text)
+    params = set(re.findall(r"\[(?:string|switch)\]\s*\$(\w+)", code))
+    examples = re.findall(r"^\.EXAMPLE\n(.*?)(?:\n\n|\n#>)", text, re.S | re.M)
+    used = {p for ex in examples for p in re.findall(r"\s-([A-Z]\w+)", ex)}
+    assert used and used <= params, used - params

@@ -1,62 +1,219 @@
 <#
 .SYNOPSIS
-  Installs obuilder-reconcile on a Windows OBuilder (HCS) worker.
+  Installs obuilder-reconcile on a Windows OBuilder (HCS) worker as a service that repairs the
+  store before the worker starts, then keeps it in agreement with containerd.
 
 .DESCRIPTION
-  Two scheduled tasks, both running as SYSTEM:
-  - "obuilder-reconcile-boot", at start-up: stops nothing, runs `reconcile --once`, and only
-    then starts the worker service. The worker service is set to start on demand, so the
-    repair always finishes before the worker starts.
-  - "obuilder-reconcile", at start-up after the boot task: the daemon beside the worker,
-    restarted if it fails. Stop-ScheduledTask sends it Ctrl-Break; it finishes the action
-    under way and exits 0.
+  One Windows service, "obuilder-reconcile", running `python.exe -m controller service`
+  (pywin32's service framework, as LocalSystem):
+  - it depends on containerd's service, so the service manager starts it after containerd;
+  - while it waits for containerd and runs the boot pass (reconcile --once semantics) it reports
+    start-pending; then it reports running and goes on as the daemon;
+  - the worker's service (found by its executable, ocluster-worker.exe, not by its name, which is
+    ocluster's --name) is made to depend on it, so the service manager starts the worker only
+    after the repair, and not at all when the repair must keep it down: the service then stops
+    as failed with its exit code (README, "Exit codes") and the reason in the Application Event Log;
+  - recovery actions restart it after a failure (1 min, 1 min, 5 min; the count resets after a day);
+  - a service stop (or Stop-Service) lets the action under way finish.
+
+  The policy is checked first with `reconcile check-policy` (no store, worker or containerd
+  needed); nothing changes when it does not validate. Running the script again updates the
+  installation. -Uninstall removes the service and gives the worker back the dependencies it
+  had before the first install (saved in StateDir\worker-dependencies.json).
+
+  This script's own log: StateDir\logs\install.jsonl; the service's: StateDir\logs\reconcile.jsonl.
+  Both are UTF-8 JSON lines, one object a line.
+
+  $Python must be the python.exe of a plain Python installation (python.org's installer, for all
+  users) into which `pip install "obuilder-reconcile[windows]"` was run: not reconcile.exe and not a
+  virtual environment's python.exe, which are launchers that start a second process, one the
+  service manager cannot talk to.
 
 .EXAMPLE
-  .\install-obuilder-reconcile.ps1 -Reconcile 'C:\Program Files\obuilder-reconcile\reconcile.exe' `
-      -Policy 'C:\ProgramData\obuilder-reconcile\policy.yaml' -WorkerService ocluster-worker
+  .\install-obuilder-reconcile.ps1 -Python 'C:\Program Files\Python311\python.exe' `
+      -Policy 'C:\ProgramData\obuilder-reconcile\policy.yaml'
+
+.EXAMPLE
+  .\install-obuilder-reconcile.ps1 -Uninstall
 #>
-[CmdletBinding(SupportsShouldProcess)]
+[CmdletBinding(DefaultParameterSetName = 'Install')]
 param(
-    [Parameter(Mandatory)] [string] $Reconcile,
-    [Parameter(Mandatory)] [string] $Policy,
-    [string] $WorkerService = 'ocluster-worker',
-    [string] $LogDir = 'C:\ProgramData\obuilder-reconcile\logs'
+    [Parameter(Mandatory, ParameterSetName = 'Install')] [string] $Python,
+    [Parameter(Mandatory, ParameterSetName = 'Install')] [string] $Policy,
+    [Parameter(ParameterSetName = 'Install')] [string] $ContainerdService = 'containerd',
+    [Parameter(ParameterSetName = 'Install')] [string] $WorkerExe = 'ocluster-worker.exe',
+    [Parameter(ParameterSetName = 'Uninstall')] [switch] $Uninstall,
+    [string] $ServiceName = 'obuilder-reconcile',
+    [string] $StateDir = 'C:\ProgramData\obuilder-reconcile'
 )
+Set-StrictMode -Version Latest
 $ErrorActionPreference = 'Stop'
 
-foreach ($path in @($Reconcile, $Policy)) {
-    if (-not (Test-Path -LiteralPath $path)) { throw "not found: $path" }
+$LogDir = Join-Path $StateDir 'logs'
+$InstallLog = Join-Path $LogDir 'install.jsonl'
+$SavedDependencies = Join-Path $StateDir 'worker-dependencies.json'
+$Utf8 = New-Object System.Text.UTF8Encoding $false   # no BOM; Windows PowerShell's *>> would write UTF-16
+
+function Write-Log([string] $Level, [string] $Message, [hashtable] $Fields = @{}) {
+    $record = [ordered]@{ time = (Get-Date).ToUniversalTime().ToString('o'); level = $Level; msg = $Message }
+    foreach ($key in $Fields.Keys) { $record[$key] = $Fields[$key] }
+    New-Item -ItemType Directory -Force -Path $LogDir | Out-Null
+    [System.IO.File]::AppendAllText($InstallLog, ($record | ConvertTo-Json -Compress) + "`n", $Utf8)
+    Write-Host "$Level $Message"
 }
-if (-not (Get-Service -Name $WorkerService -ErrorAction SilentlyContinue)) {
-    throw "no service named $WorkerService"
+
+function Invoke-Sc([string[]] $Arguments) {
+    $out = & sc.exe @Arguments 2>&1 | Out-String
+    if ($LASTEXITCODE -ne 0) {
+        Write-Log 'error' "sc.exe $($Arguments -join ' ') failed" @{ exit = $LASTEXITCODE; output = $out.Trim() }
+        throw "sc.exe $($Arguments -join ' ') failed (exit $LASTEXITCODE): $out"
+    }
 }
+
+function Get-Dependencies([string] $Name) {
+    $key = "HKLM:\SYSTEM\CurrentControlSet\Services\$Name"
+    $value = (Get-ItemProperty -LiteralPath $key -Name DependOnService -ErrorAction SilentlyContinue)
+    if ($null -eq $value) { return @() }
+    return @($value.DependOnService | Where-Object { $_ })
+}
+
+function Set-Dependencies([string] $Name, [string[]] $Dependencies) {
+    # sc.exe takes them slash-separated; a lone slash clears them.
+    $list = if ($Dependencies.Count -gt 0) { $Dependencies -join '/' } else { '/' }
+    Invoke-Sc @('config', $Name, 'depend=', $list)
+    Write-Log 'info' "dependencies of $Name set" @{ service = $Name; dependencies = $Dependencies }
+}
+
+function Get-ExecutablePath([string] $PathName) {
+    # Win32_Service.PathName is a command line: a quoted path, or an unquoted one up to .exe.
+    if ($PathName -match '^\s*"([^"]+)"') { return $Matches[1] }
+    if ($PathName -match '^\s*(\S.*?\.exe)(\s|$)') { return $Matches[1] }
+    return $PathName.Trim()
+}
+
+function Find-WorkerService {
+    $found = @(Get-CimInstance Win32_Service | Where-Object {
+        $_.PathName -and ((Split-Path -Leaf (Get-ExecutablePath $_.PathName)) -ieq $WorkerExe)
+    })
+    if ($found.Count -eq 0) { throw "no service runs $WorkerExe (looked at every service's PathName); pass -WorkerExe" }
+    if ($found.Count -gt 1) {
+        throw "several services run ${WorkerExe}: $(($found | ForEach-Object { $_.Name }) -join ', '); one worker a machine"
+    }
+    return $found[0]
+}
+
+function Read-SavedDependencies {
+    if (Test-Path -LiteralPath $SavedDependencies) {
+        return (Get-Content -LiteralPath $SavedDependencies -Raw -Encoding UTF8 | ConvertFrom-Json)
+    }
+    return $null
+}
+
+if ($Uninstall) {
+    $saved = Read-SavedDependencies
+    if ($null -ne $saved) {
+        # First the worker, so stopping our service does not have to stop it too.
+        Set-Dependencies $saved.service @($saved.dependencies | Where-Object { $_ })
+    } else {
+        foreach ($svc in @(Get-CimInstance Win32_Service)) {
+            $deps = @(Get-Dependencies $svc.Name)
+            if ($deps -contains $ServiceName) {
+                Set-Dependencies $svc.Name @($deps | Where-Object { $_ -ne $ServiceName })
+            }
+        }
+    }
+    if (Get-Service -Name $ServiceName -ErrorAction SilentlyContinue) {
+        Stop-Service -Name $ServiceName   # the action under way finishes first
+        Invoke-Sc @('delete', $ServiceName)
+        Write-Log 'info' "service $ServiceName removed"
+    }
+    if (Test-Path -LiteralPath $SavedDependencies) { Remove-Item -LiteralPath $SavedDependencies }
+    Write-Log 'info' 'uninstalled; logs are kept' @{ logs = $LogDir }
+    return
+}
+
+# -- Install or update ----------------------------------------------------------------------
+
+foreach ($path in @($Python, $Policy)) {
+    if (-not (Test-Path -LiteralPath $path -PathType Leaf)) { throw "not found: $path" }
+}
+$Policy = (Resolve-Path -LiteralPath $Policy).Path
+if (-not (Get-Service -Name $ContainerdService -ErrorAction SilentlyContinue)) {
+    throw "no service named $ContainerdService (containerd's service; pass -ContainerdService)"
+}
+
+# The interpreter must host a service itself: not a venv launcher, and pywin32 importable.
+$probe = & $Python -c 'import sys, win32serviceutil; print(sys.prefix == sys.base_prefix)' 2>&1 | Out-String
+if ($LASTEXITCODE -ne 0 -or $probe.Trim() -ne 'True') {
+    throw "$Python cannot host the service: $($probe.Trim()) (a plain Python with 'pip install obuilder-reconcile[windows]', not a venv)"
+}
+
+# Nothing changes unless the policy validates. Exit 2: the message names file:line:column.
+$check = & $Python -m controller check-policy $Policy 2>&1 | Out-String
+if ($LASTEXITCODE -ne 0) {
+    Write-Log 'error' 'the policy does not validate; nothing changed' @{ policy = $Policy; output = $check.Trim() }
+    throw "the policy does not validate: $($check.Trim())"
+}
+Write-Log 'info' $check.Trim()
+
+$worker = Find-WorkerService
+Write-Log 'info' "worker service: $($worker.Name)" @{ service = $worker.Name; path = $worker.PathName; state = $worker.State }
+
 New-Item -ItemType Directory -Force -Path $LogDir | Out-Null
+$binPath = "`"$Python`" -m controller service --service-name $ServiceName --policy `"$Policy`" " +
+           "--log-format json --log-file `"$(Join-Path $LogDir 'reconcile.jsonl')`""
 
-# Check the policy before anything changes: exit 2 means it does not validate.
-& $Reconcile --once --dry-run --policy $Policy | Out-Null
-if ($LASTEXITCODE -eq 2) { throw "the policy $Policy does not validate; run: $Reconcile --once --dry-run --policy $Policy" }
+$existing = Get-CimInstance Win32_Service -Filter "Name='$ServiceName'"
+if ($null -ne $existing) {
+    # Win32_Service.Change, not sc.exe binPath=: Windows PowerShell passes the quotes inside
+    # an argument to a native program unescaped, which would cut the command line.
+    $changed = Invoke-CimMethod -InputObject $existing -MethodName Change -Arguments @{
+        PathName = $binPath; StartMode = 'Automatic'; DisplayName = 'obuilder-reconcile'
+    }
+    if ($changed.ReturnValue -ne 0) { throw "Win32_Service.Change of $ServiceName failed: $($changed.ReturnValue)" }
+    Invoke-Sc @('config', $ServiceName, 'depend=', $ContainerdService)
+    Write-Log 'info' "service $ServiceName updated; the change applies at its next start (the next boot)" @{ binPath = $binPath }
+} else {
+    New-Service -Name $ServiceName -BinaryPathName $binPath -DisplayName 'obuilder-reconcile' `
+        -Description 'Repairs the OBuilder store before the worker starts, then keeps it in agreement with containerd' `
+        -StartupType Automatic -DependsOn $ContainerdService | Out-Null
+    Write-Log 'info' "service $ServiceName created" @{ binPath = $binPath }
+}
+# Restart after a failure; failureflag 1: a stop with a non-zero exit code is a failure too.
+Invoke-Sc @('failure', $ServiceName, 'reset=', '86400', 'actions=', 'restart/60000/restart/60000/restart/300000')
+Invoke-Sc @('failureflag', $ServiceName, '1')
 
-# The worker starts only when the boot repair has run.
-Set-Service -Name $WorkerService -StartupType Manual
+# The worker depends on us: its original dependencies are saved once, at the first install,
+# so -Uninstall gives back exactly those.
+$current = @(Get-Dependencies $worker.Name)
+if (-not (Test-Path -LiteralPath $SavedDependencies)) {
+    $original = @($current | Where-Object { $_ -ne $ServiceName })
+    $record = [ordered]@{ service = $worker.Name; dependencies = $original; saved = (Get-Date).ToUniversalTime().ToString('o') }
+    [System.IO.File]::WriteAllText($SavedDependencies, ($record | ConvertTo-Json -Compress), $Utf8)
+    Write-Log 'info' "saved the worker's dependencies" @{ service = $worker.Name; dependencies = $original }
+}
+if ($current -notcontains $ServiceName) {
+    Set-Dependencies $worker.Name @($current + $ServiceName)
+}
 
-$principal = New-ScheduledTaskPrincipal -UserId 'SYSTEM' -LogonType ServiceAccount -RunLevel Highest
-$settings = New-ScheduledTaskSettingsSet -AllowStartIfOnBatteries -DontStopIfGoingOnBatteries `
-    -ExecutionTimeLimit ([TimeSpan]::Zero) -RestartCount 999 -RestartInterval (New-TimeSpan -Minutes 1)
+# The scheduled tasks of earlier versions of this script are replaced by the service; they had
+# set the worker to start on demand, which the dependency now makes unnecessary.
+foreach ($task in @('obuilder-reconcile-boot', 'obuilder-reconcile')) {
+    if (Get-ScheduledTask -TaskName $task -ErrorAction SilentlyContinue) {
+        Unregister-ScheduledTask -TaskName $task -Confirm:$false
+        Write-Log 'info' "removed the scheduled task $task of an earlier install"
+        if ($worker.StartMode -eq 'Manual') {
+            Set-Service -Name $worker.Name -StartupType Automatic
+            Write-Log 'info' "worker $($worker.Name) set back to start automatically"
+        }
+    }
+}
 
-$boot = "& '$Reconcile' --once --policy '$Policy' *>> '$LogDir\boot.log'; " +
-        "if (`$LASTEXITCODE -ne 2) { Start-Service -Name '$WorkerService' }"
-$bootAction = New-ScheduledTaskAction -Execute 'powershell.exe' `
-    -Argument "-NoProfile -NonInteractive -ExecutionPolicy Bypass -Command `"$boot`""
-Register-ScheduledTask -TaskName 'obuilder-reconcile-boot' -Action $bootAction -Principal $principal `
-    -Settings $settings -Trigger (New-ScheduledTaskTrigger -AtStartup) -Force | Out-Null
-
-$daemon = "& '$Reconcile' --policy '$Policy' --log-format json *>> '$LogDir\daemon.log'"
-$daemonAction = New-ScheduledTaskAction -Execute 'powershell.exe' `
-    -Argument "-NoProfile -NonInteractive -ExecutionPolicy Bypass -Command `"$daemon`""
-$daemonTrigger = New-ScheduledTaskTrigger -AtStartup
-$daemonTrigger.Delay = 'PT2M'   # after the boot repair and the worker
-Register-ScheduledTask -TaskName 'obuilder-reconcile' -Action $daemonAction -Principal $principal `
-    -Settings $settings -Trigger $daemonTrigger -Force | Out-Null
-
-Write-Host "Installed. Boot repair log: $LogDir\boot.log; daemon log: $LogDir\daemon.log"
-Write-Host "Metrics: http://127.0.0.1:9847/metrics (see the policy's spec.metrics)"
+# Start it now. Beside a running worker the boot pass is skipped (exit 9 semantics) and it runs
+# as the daemon; with the worker stopped it repairs first. The worker is left as it was.
+if ((Get-Service -Name $ServiceName).Status -eq 'Stopped') {
+    Invoke-Sc @('start', $ServiceName)
+    Write-Log 'info' "service $ServiceName starting"
+}
+Write-Log 'info' 'installed' @{ service = $ServiceName; worker = $worker.Name; logs = $LogDir }
+Write-Host "Metrics: http://127.0.0.1:9847/metrics (the policy's spec.metrics). Status: sc.exe query $ServiceName"
