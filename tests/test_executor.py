@@ -10,7 +10,7 @@ from controller.core.executor import execute
 from controller.core.planner import plan
 from controller.model.outcome import Outcome, Result
 from controller.model.plan import Mode, PlanOptions
-from controller.model.records import Container, Observation, StoreState, TaskStatus
+from controller.model.records import Container, Observation, StoreEntry, StoreState, TaskStatus
 from tests.support.fake import FakeContainerd, FakeStore
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
@@ -76,3 +76,20 @@ def test_a_failed_child_keeps_its_parent_for_the_next_pass() -> None:
     assert outcome["obuilder-c"] == (Outcome.FAILED, "the layer is in use")
     assert outcome["obuilder-p"] == (Outcome.NOT_TRIED, "waiting for its child obuilder-c")
     assert set(fake.parents) == {"obuilder-p", "obuilder-c"}
+
+
+def test_an_entry_whose_removal_raises_fails_that_entry_and_the_others_still_go() -> None:
+    class DeepTree(FakeStore):
+        def remove_tmp_entry(self, entry_id: str) -> Result:
+            if entry_id == "deep":
+                raise RecursionError("maximum recursion depth exceeded")
+            return super().remove_tmp_entry(entry_id)
+
+    entries = tuple(StoreEntry(id=i, area="result-tmp") for i in ("a", "deep", "z"))
+    store = DeepTree(StoreState(root="/s", tmp=entries, cache_tmp=("c",)))
+    fake = FakeContainerd()
+    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
+    result = execute(p, fake, store)
+    outcomes = {r.name: (r.outcome, r.message) for r in result.results}
+    assert outcomes["deep"] == (Outcome.FAILED, "unexpected error: RecursionError: maximum recursion depth exceeded")
+    assert store.removed == ["result-tmp/a", "result-tmp/z", "cache-tmp/c"]

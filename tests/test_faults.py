@@ -29,10 +29,13 @@ Fault = Callable[[str, str], None]
 pytestmark = pytest.mark.containerd
 
 
-def policy(path: Path, namespace: str, *, timeout: str = "60s", grace: str = "0s", extra: str = "") -> Path:
+def policy(
+    path: Path, namespace: str, *, timeout: str = "60s", grace: str = "0s", extra: str = "", ctr: Path | None = None
+) -> Path:
+    exe = f", ctr: '{ctr}'" if ctr else ""
     path.write_text(
         "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: faults}\nspec:\n"
-        f"  containerd: {{namespace: {namespace}, snapshotter: native, callTimeout: {timeout}}}\n"
+        f"  containerd: {{namespace: {namespace}, snapshotter: native, callTimeout: {timeout}{exe}}}\n"
         f"  timing: {{gracePeriod: {grace}, interval: 2s}}\n"
         "  metrics: {address: 'off'}\n" + extra
     )
@@ -440,3 +443,103 @@ def test_the_daemon_keeps_its_policy_when_a_reload_is_bad(
     assert code == 0, daemon.text()[-3000:]
     assert "Traceback" not in daemon.text()
     fault("daemon and a bad policy reload", f"{', '.join(bad)}: each logged, the old policy kept working; {held}")
+
+
+# -- one broken object in a pass: reported stuck, everything independent still reclaimed ------------
+
+
+def _in_both_modes(
+    mode: str, world: World, cd: PrivateContainerd, namespace: str, tmp_path: Path, ctr: FaultyCtr, gone: list[str]
+) -> tuple[int | None, str]:
+    """Run ``--once``, or a daemon until ``gone`` has gone; the exit code (None: daemon) and what it said."""
+    if mode == "--once":
+        run = reconcile_on(cd, namespace, world.root, "--once", "--ctr", str(ctr.path))
+        no_traceback(run)
+        return run.code, run.stdout + run.stderr
+    daemon = DaemonProcess(cd, world.root, policy(tmp_path / "p.yaml", namespace, ctr=ctr.path), tmp_path / "d.log")
+    try:
+        _until(lambda: not set(gone) & set(cd.snapshot_keys(namespace)), 30, "the leak to go: " + daemon.text()[-3000:])
+        daemon.wait_for(r"pass \d+ ")
+    finally:
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.text()
+    status = (world.root / "state" / "obuilder-reconcile" / "status.json").read_text()
+    return None, daemon.text() + status
+
+
+@pytest.mark.parametrize("mode", ["--once", "daemon"])
+def test_a_container_ctr_cannot_inspect_is_kept_with_its_snapshot_and_the_rest_goes(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, fault: Fault, mode: str
+) -> None:
+    _, orphans = leak(world)
+    world.leak_container("obuilder-run-1", task="stopped")  # its snapshot is obuilder-run-1, as ctr run names it
+    world.leak_container("obuilder-run-2", task="stopped")
+    ctr = FaultyCtr.make(tmp_path / "ctr")
+    ctr.arm("info-fails", "obuilder-run-1")
+    holdings = Holdings.take(containerd, namespace)
+    code, said = _in_both_modes(mode, world, containerd, namespace, tmp_path, ctr, [*orphans, "obuilder-run-2"])
+    assert code in (1, None), said
+    assert "obuilder-run-1" in said and "could not be inspected" in said and "unexpected EOF" in said, said[-3000:]
+    assert "obuilder-run-1" in containerd.container_ids(namespace)
+    assert "obuilder-run-1" in containerd.snapshot_keys(namespace)
+    assert "obuilder-run-2" not in containerd.container_ids(namespace)
+    held = holdings.held([*orphans, "obuilder-run-2"])
+    ctr.disarm("info-fails")
+    converges(containerd, namespace, world.root)
+    assert "obuilder-run-1" not in containerd.container_ids(namespace)
+    fault(f"a container ctr cannot inspect ({mode})", f"kept with its snapshot, reported stuck, the rest went; {held}")
+
+
+@pytest.mark.parametrize("mode", ["--once", "daemon"])
+def test_a_snapshot_whose_removal_keeps_failing_is_stuck_and_the_rest_goes(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, fault: Fault, mode: str
+) -> None:
+    base, orphans = leak(world)
+    bad = world.orphan_chain(base, "bad", 2)
+    ctr = FaultyCtr.make(tmp_path / "ctr")
+    ctr.arm("rm-fails", bad[-1])
+    holdings = Holdings.take(containerd, namespace)
+    code, said = _in_both_modes(mode, world, containerd, namespace, tmp_path, ctr, orphans)
+    assert code in (1, None), said
+    assert bad[-1] in said and "input/output error" in said, said[-3000:]
+    assert set(bad) <= set(containerd.snapshot_keys(namespace))
+    held = holdings.held(orphans)
+    ctr.disarm("rm-fails")
+    converges(containerd, namespace, world.root, gone=bad)
+    fault(f"a snapshot whose removal keeps failing ({mode})", f"stuck with ctr's reason, its parent waits; {held}")
+
+
+def test_bad_db_rows_fail_nothing(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, fault: Fault
+) -> None:
+    _, orphans = leak(world)
+    db = sqlite3.connect(world.root / "state" / "db" / "db.sqlite")
+    db.execute("INSERT INTO builds (id, created, used, rc, parent) VALUES (CAST(X'66FF6F' AS TEXT), 1, 2, 'x', 3)")
+    db.execute("INSERT INTO builds (id, created, used, rc, parent) VALUES (X'00FF', 'a', x'01', 1.5, NULL)")
+    db.commit()
+    db.close()
+    holdings = Holdings.take(containerd, namespace)
+    run = reconcile_on(containerd, namespace, world.root, "--once")
+    no_traceback(run)
+    assert run.code == 0, run.stderr
+    assert "Store drift" in run.stdout and "f\ufffdo" in run.stdout, run.stdout
+    held = holdings.held(orphans)
+    assert not set(orphans) & set(containerd.snapshot_keys(namespace))
+    fault("bad DB rows (not UTF-8, wrong types)", f"exit 0, read as far as they make sense, reported as drift; {held}")
+
+
+def test_the_daemon_keeps_a_snapshot_containerd_cannot_date_and_the_rest_goes(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, fault: Fault
+) -> None:
+    base, orphans = leak(world)
+    bad = world.orphan_chain(base, "undated", 2)
+    ctr = FaultyCtr.make(tmp_path / "ctr")
+    ctr.arm("snapshot-info-fails", bad[-1])
+    holdings = Holdings.take(containerd, namespace)
+    _, said = _in_both_modes("daemon", world, containerd, namespace, tmp_path, ctr, orphans)
+    assert bad[-1] in said and "could not date it" in said and "invalid wire-format" in said, said[-3000:]
+    assert set(bad) <= set(containerd.snapshot_keys(namespace))
+    held = holdings.held(orphans)
+    ctr.disarm("snapshot-info-fails")
+    converges(containerd, namespace, world.root, gone=bad)
+    fault("a snapshot containerd cannot date (daemon)", f"kept with its ancestors, reported stuck; {held}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from controller.core.loop import Loop
 from controller.core.passes import PassOptions, one_pass, remember, run_once
 from controller.core.ports import Reporter
+from controller.model.errors import CtrError
 from controller.model.outcome import Outcome, PassReport, Result
 from controller.model.plan import Kind, Mode, Plan, PlanOptions
 from controller.model.records import (
@@ -167,3 +169,65 @@ def test_pass_case(path: Path) -> None:
     got = report.model_dump(mode="json", include=set(expect) - {"left"})
     assert got == {k: v for k, v in expect.items() if k != "left"}
     assert sorted(world.parents) == expect["left"]
+
+
+class UninspectableContainerd(FakeContainerd):
+    """containerd where ``containers info`` fails for some owned ids, as CtrContainerd reports them:
+    listed with the containers we never touch, and why in ``uninspectable``."""
+
+    def __init__(self, broken: dict[str, TaskStatus], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.uninspectable = {cid: f"ctr containers info -- {cid}: exit 1: unexpected EOF" for cid in broken}
+        self.tasks.update({cid: status for cid, status in broken.items() if status is not TaskStatus.ABSENT})
+
+    def observe(self) -> ContainerdState:
+        state = super().observe()
+        return state.model_copy(update={"foreign_containers": tuple(self.uninspectable)})
+
+
+@pytest.mark.parametrize("mode", [Mode.BOOT, Mode.DAEMON])
+def test_a_container_ctr_cannot_describe_keeps_what_it_may_use_and_everything_else_goes(mode: Mode) -> None:
+    fake = UninspectableContainerd({"obuilder-run-9": TaskStatus.STOPPED}, **vars(orphan_world()))
+    # ctr run names a container's snapshot after it: that one, and its ancestors, may be in use.
+    fake.recreate("obuilder-under", None, OLD)
+    fake.recreate("obuilder-run-9", "obuilder-under", OLD)
+    store = FakeStore(FakeStore.empty())
+    options = PassOptions(plan=PlanOptions(grace_period=timedelta(0)), mode=mode)
+    if mode is Mode.BOOT:
+        run = run_once(fake_ports(fake, store), options)
+        report, stuck, code = run.last, run.stuck, run.exit_code
+    else:
+        report = one_pass(fake_ports(fake, store), options, History(), 1)
+        stuck, code = report.stuck, None
+    assert set(fake.parents) == {"obuilder-under", "obuilder-run-9"}, "the independent orphans did not all go"
+    assert [(s.kind, s.name) for s in stuck] == [(Kind.CONTAINER, "obuilder-run-9")]
+    assert "could not be inspected" in stuck[0].reason and "unexpected EOF" in stuck[0].reason
+    assert report.drift["stuck"] == 1 and report.unjudged == tuple(stuck)
+    if code is not None:
+        assert code == 1
+
+
+def test_while_a_container_ctr_cannot_describe_runs_no_layer_goes() -> None:
+    fake = UninspectableContainerd({"obuilder-run-9": TaskStatus.RUNNING}, **vars(orphan_world()))
+    before = set(fake.parents)
+    store = FakeStore(FakeStore.empty())
+    report = one_pass(fake_ports(fake, store), PassOptions(plan=PlanOptions(), mode=Mode.DAEMON), History(), 1)
+    assert set(fake.parents) == before
+    assert report.planned_total == 0 and [s.name for s in report.stuck] == ["obuilder-run-9"]
+    assert report.plan is not None
+    assert "its task is live" in report.plan.snapshot_keeps["obuilder-o1"][1]
+
+
+def test_a_snapshot_containerd_cannot_date_is_kept_with_its_ancestors_and_everything_else_goes() -> None:
+    class Undatable(FakeContainerd):
+        def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
+            if "obuilder-b" in keys:
+                raise CtrError(["ctr", "snapshots", "info", "--", "obuilder-b"], 1, "ctr: proto: bad wire type")
+            return super().snapshot_created(keys)
+
+    fake = Undatable(**vars(orphan_world()))
+    store = FakeStore(FakeStore.empty())
+    report = one_pass(fake_ports(fake, store), PassOptions(plan=PlanOptions(), mode=Mode.DAEMON), History(), 1)
+    assert set(fake.parents) == {"obuilder-a-committed", "obuilder-b"}
+    assert [(s.kind, s.name) for s in report.stuck] == [(Kind.SNAPSHOT, "obuilder-b")]
+    assert "could not date it" in report.stuck[0].reason and "bad wire type" in report.stuck[0].reason

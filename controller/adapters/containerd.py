@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from controller.adapters.ctr import Ctr
+from controller.model.errors import CtrError
 from controller.model.outcome import Result
-from controller.model.records import ContainerdState
+from controller.model.records import Container, ContainerdState
 
 
 class CtrContainerd:
@@ -24,6 +25,8 @@ class CtrContainerd:
         self.container_prefix = container_prefix
         #: `containers info` calls at once: the degree removals use too.
         self.parallel = max(1, ctr.settings.parallelism)
+        #: Owned containers the last look could not inspect, with why (see ``observe``).
+        self.uninspectable: dict[str, str] = {}
 
     @property
     def calls(self) -> int:
@@ -38,14 +41,26 @@ class CtrContainerd:
             tasks_job = pool.submit(self.ctr.tasks)
             ids = self.ctr.container_ids()
             owned = [i for i in ids if i.startswith(self.container_prefix)]
-            details = list(pool.map(self.ctr.container, owned))
+            details = list(pool.map(self._inspect, owned))
             snapshots, tasks = snapshots_job.result(), tasks_job.result()
+        # One container ctr cannot describe fails that container, not the look: we cannot
+        # judge it, so it is listed as one we never touch, and the pass keeps what it may use.
+        self.uninspectable = {i: d for i, d in zip(owned, details, strict=True) if isinstance(d, str)}
         return ContainerdState(
             snapshots=snapshots,
-            containers=tuple(c for c in details if c is not None),
-            foreign_containers=tuple(i for i in ids if not i.startswith(self.container_prefix)),
+            containers=tuple(d for d in details if isinstance(d, Container)),
+            foreign_containers=tuple(
+                i for i in ids if not i.startswith(self.container_prefix) or i in self.uninspectable
+            ),
             tasks=tasks,
         )
+
+    def _inspect(self, container_id: str) -> Container | str | None:
+        """The container, None when it went since it was listed, or why ctr could not say."""
+        try:
+            return self.ctr.container(container_id)
+        except CtrError as e:
+            return str(e)
 
     def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]:
         return self.ctr.delete_tasks(ids)

@@ -182,6 +182,8 @@ def read_db(path: Path, *, busy_timeout: float = 5.0) -> tuple[DbRow, ...]:
         conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout)
     except sqlite3.Error as e:
         raise StoreReadError(f"{path}: cannot open read-only: {e}") from e
+    # Text that is not UTF-8 in one row must not fail the read of every row.
+    conn.text_factory = lambda b: b.decode("utf-8", "replace")
     try:
         rows = conn.execute("SELECT id, rc, used, parent FROM builds").fetchall()
     except sqlite3.OperationalError as e:
@@ -192,9 +194,21 @@ def read_db(path: Path, *, busy_timeout: float = 5.0) -> tuple[DbRow, ...]:
         raise StoreSanityError(f"{path} is not OBuilder's DB ({e}); refusing to act") from e
     finally:
         conn.close()
+    # SQLite keeps whatever type a row was given: a row that is not what OBuilder writes is read as
+    # far as it makes sense (rows decide only the drift report), never a failure of the whole read.
     return tuple(
-        DbRow(id=str(i), rc=rc, used=None if used is None else str(used), parent=parent) for i, rc, used, parent in rows
+        DbRow(id=_text(i), rc=rc if type(rc) is int else None, used=_text_or_none(used), parent=_text_or_none(parent))
+        for i, rc, used, parent in rows
+        if i is not None
     )
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _names(folder: Path) -> list[str]:

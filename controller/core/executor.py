@@ -153,15 +153,24 @@ def execute(
         if waiting:
             record(Kind.RESULT_TMP, t.id, Result(Outcome.NOT_TRIED, f"waiting for snapshot {', '.join(waiting)}"))
             continue
-        record(Kind.RESULT_TMP, t.id, store.remove_tmp_entry(t.id))
+        record(Kind.RESULT_TMP, t.id, _one(store.remove_tmp_entry, t.id))
 
     # 4. cache-tmp/ leftovers (boot only; the planner decides).
     for leftover in plan.cache_tmp:
         if should_stop():
             return out
         reasons[(Kind.CACHE_TMP, leftover.name)] = leftover.reason
-        record(Kind.CACHE_TMP, leftover.name, store.remove_cache_tmp(leftover.name))
+        record(Kind.CACHE_TMP, leftover.name, _one(store.remove_cache_tmp, leftover.name))
     return out
+
+
+def _one(remove: Callable[[str], Result], name: str) -> Result:
+    """One entry's removal: whatever goes wrong in it (a tree too deep to walk, a name the
+    filesystem refuses) fails that entry, which is reported stuck with why, not the pass."""
+    try:
+        return remove(name)
+    except Exception as e:
+        return Result(Outcome.FAILED, f"unexpected error: {type(e).__name__}: {e}")
 
 
 def _batches(keys: list[str], size: int | None) -> list[list[str]]:

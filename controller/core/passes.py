@@ -11,13 +11,14 @@ pass limit is reached.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from controller.core.executor import PassResult, execute
 from controller.core.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
-from controller.core.ports import Ports
+from controller.core.ports import ContainerdPort, Ports
+from controller.model.errors import CtrError, CtrTimeoutError
 from controller.model.outcome import ActionResult, Outcome, PassReport, RunReport, Stuck
 from controller.model.plan import Kind, Mode, Plan, PlanOptions, Rule
 from controller.model.records import ContainerdState, History, Observation, TaskStatus, container_identity
@@ -71,11 +72,14 @@ def one_pass(
     # that starts before it (prepare, then result-tmp/) is in both or young; what changes after
     # is caught by the re-check before each removal (daemon).
     containerd = ports.containerd.observe()
+    unjudged = dict(getattr(ports.containerd, "uninspectable", None) or {})
     store = ports.store.observe()
     now = ports.clock.now()
     history = remember(history, containerd, now)
     observation = Observation(store=store, containerd=containerd, history=history)
-    plan = plan_with_ages(observation, options.plan, now, mode, ports.containerd)
+    dating = _Dating(ports.containerd)
+    plan = hold_what_they_may_use(plan_with_ages(observation, options.plan, now, mode, dating), containerd, unjudged)
+    unjudged.update(dating.undated)
     orphans = [*plan.snapshots, *plan.deferred]
     sizes = (ports.containerd.usage(orphans) if orphans else {}) if options.measure_bytes else None
     result = PassResult()
@@ -95,7 +99,24 @@ def one_pass(
         )
     ended = ports.clock.now()
     report = _report(plan, result, observation, number, options, ended, (ended - started).total_seconds(), sizes)
-    report = report.model_copy(update={"ctr_calls": ports.containerd.calls - calls, "history": history, "trigger": why})
+    kept = tuple(
+        Stuck(kind=Kind.CONTAINER, name=name, reason=f"could not be inspected, so kept with what it may use: {why}")
+        if name not in dating.undated
+        else Stuck(
+            kind=Kind.SNAPSHOT, name=name, reason=f"containerd could not date it, so kept with its ancestors: {why}"
+        )
+        for name, why in sorted(unjudged.items())
+    )
+    report = report.model_copy(
+        update={
+            "ctr_calls": ports.containerd.calls - calls,
+            "history": history,
+            "trigger": why,
+            "unjudged": kept,
+            "stuck": report.stuck + kept,
+            "drift": {**report.drift, "stuck": report.drift.get("stuck", 0) + len(kept)},
+        }
+    )
     if not options.dry_run:
         ports.reporter.pass_finished(report)
     return report
@@ -150,12 +171,76 @@ def run_once(
     stuck += [
         Stuck(kind=d.kind, name=d.name, reason=d.reason) for d in last.plan.decisions if d.rule is Rule.UNREADABLE
     ]
+    stuck += [s for s in last.unjudged if s not in stuck]
     return RunReport(
         passes=tuple(reports),
         converged=converged,
         stuck=tuple(stuck),
         seconds=round((ports.clock.now() - started).total_seconds(), 3),
         ctr_calls=ports.containerd.calls - calls,
+    )
+
+
+class _Dating:
+    """The ages a plan asks for, where one snapshot containerd cannot date (``snapshots info`` fails
+    for it alone) fails that snapshot, not the pass: it stays undated, so kept with its ancestors
+    (the planner keeps what it could not date), and is reported. A timeout is not one snapshot's
+    failure but containerd's: it still fails the pass (asking key by key would wait once a key)."""
+
+    def __init__(self, source: ContainerdPort) -> None:
+        self.source = source
+        self.undated: dict[str, str] = {}
+
+    def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
+        try:
+            return self.source.snapshot_created(keys)
+        except CtrTimeoutError:
+            raise
+        except CtrError:
+            pass
+        out: dict[str, datetime | None] = {}
+        for key in keys:
+            try:
+                out.update(self.source.snapshot_created([key]))
+            except CtrTimeoutError:
+                raise
+            except CtrError as e:
+                self.undated[key] = str(e)
+        return out
+
+
+def hold_what_they_may_use(plan: Plan, containerd: ContainerdState, unjudged: Mapping[str, str]) -> Plan:
+    """Keep what containers we could not inspect may use: the snapshot ``ctr run`` names after the
+    container, and its ancestors; and, while such a container's task is live, every layer (it may
+    run on any). Everything else in the plan goes ahead: one such container stops no other removal."""
+    if not unjudged:
+        return plan
+    parent_of = {s.key: s.parent for s in containerd.snapshots}
+    live = sorted({t.id for t in containerd.tasks if t.status in _LIVE} & unjudged.keys())
+    held: dict[str, str] = {}
+    if live:
+        why = f"container {live[0]} could not be inspected and its task is live: it may run on any layer"
+        held.update(dict.fromkeys((*plan.snapshots, *plan.deferred), why))
+    for cid in sorted(unjudged):
+        key: str | None = cid
+        while key is not None and key in parent_of and key not in held:
+            held[key] = f"container {cid} could not be inspected: it may use snapshot {cid} and its ancestors"
+            key = parent_of[key]
+    if not held.keys() & plan.snapshot_reasons.keys():
+        return plan
+    levels = tuple(kept for level in plan.snapshot_levels if (kept := tuple(k for k in level if k not in held)))
+    return plan.model_copy(
+        update={
+            "snapshot_levels": levels,
+            "deferred": tuple(k for k in plan.deferred if k not in held),
+            "snapshot_reasons": {k: r for k, r in plan.snapshot_reasons.items() if k not in held},
+            "snapshot_keeps": {
+                **plan.snapshot_keeps,
+                **{k: (Rule.CONTAINER, why) for k, why in held.items() if k in plan.snapshot_reasons},
+            },
+            # A result-tmp/ entry goes only after its snapshots: it is the record of which one it used.
+            "tmp_entries": tuple(t for t in plan.tmp_entries if not held.keys() & set(t.after)),
+        }
     )
 
 

@@ -100,6 +100,9 @@ class PassReport(Record):
     #: Planned removals left alone because the object changed since it was planned.
     changed: int = 0
     stuck: tuple[Stuck, ...] = ()
+    #: Owned objects the pass could not judge (a container ctr could not describe): kept, with what
+    #: they may use, and counted stuck until they can be judged.
+    unjudged: tuple[Stuck, ...] = ()
     #: Objects still out of agreement after the pass, by drift kind (see DRIFT_KINDS).
     drift: dict[str, int] = Field(default_factory=dict)
     #: Orphan snapshots waiting: deferred by maxDeletionsPerPass, or kept only by their grace period.

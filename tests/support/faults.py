@@ -115,9 +115,10 @@ def no_traceback(run: Run) -> None:
     assert "Traceback" not in run.stderr + run.stdout, run.stderr[-3000:]
 
 
-#: A ctr that is ctr, except where the environment says otherwise (read by each call, so a case
-#: can arm and disarm a fault while a daemon runs): hang on a subcommand, fail ``containers info``
-#: of one id, fail ``snapshots rm`` of one key as ctr does, or kill containerd before one call.
+#: A ctr that is ctr, except where a switch file says otherwise (read by each call, so a case can
+#: arm and disarm a fault while a daemon runs): hang on a subcommand, fail ``containers info`` of
+#: one id or ``snapshots info`` of one key, fail ``snapshots rm`` of one key as ctr does, or kill
+#: containerd before one call.
 _WRAPPER = """\
 #!{python}
 import os, subprocess, sys, time
@@ -136,8 +137,12 @@ hang = armed("hang")
 if hang is not None and asks(hang):
     os.execv("/bin/sleep", ["sleep", "3600"])
 broken = armed("info-fails")
-if broken is not None and "info" in words and args[-1] == broken:
+if broken is not None and asks("containers info") and args[-1] == broken:
     sys.stderr.write('ctr: failed to decode container spec: unexpected EOF\\n')
+    sys.exit(1)
+undatable = armed("snapshot-info-fails")
+if undatable is not None and asks("snapshots info") and args[-1] == undatable:
+    sys.stderr.write("ctr: proto: cannot parse invalid wire-format data\\n")
     sys.exit(1)
 kill = armed("kill-before")
 if kill is not None and asks(kill):
