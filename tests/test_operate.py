@@ -317,11 +317,21 @@ def test_orphans_waiting_out_their_grace_period_show_as_a_gauge_then_fall_to_zer
             return value
 
         until(lambda: waiting() == 3, what="the three orphans to show as waiting")
+        text = get(url)[1]
         assert set(orphans) <= set(containerd.snapshot_keys(namespace)), "gone before their grace period"
-        assert sample(get(url)[1], "obuilder_reconcile_drift_objects", kind="orphan_snapshots") == 0
+        assert sample(text, "obuilder_reconcile_drift_objects", kind="orphan_snapshots") == 0
+        # The backlog by kind says the same, and when the first of them may go (within the 4 s grace).
+        assert sample(text, "obuilder_reconcile_backlog_objects", kind="snapshot", state="waiting") == 3
+        assert 0 < sample(text, "obuilder_reconcile_backlog_next_eligible_seconds", kind="snapshot") <= 4
         until(lambda: not set(orphans) & set(containerd.snapshot_keys(namespace)), what="the orphans to go")
         until(lambda: waiting() == 0, what="the waiting gauge to fall to 0")
         assert max(seen) == 3 and seen[-1] == 0
+        text = get(url)[1]
+        assert sample(text, "obuilder_reconcile_backlog_objects", kind="snapshot", state="waiting") == 0
+        assert sample(text, "obuilder_reconcile_backlog_next_eligible_seconds", kind="snapshot") == 0
         assert re.search(r"3 waiting out their grace period", daemon.text())
+        assert re.search(r"backlog: snapshot 3 waiting \(first eligible in [0-4] s\)", daemon.text())
+        status = read_status(world.root / "state" / "obuilder-reconcile" / "status.json")
+        assert status.backlogs["snapshot"].waiting == 0 and status.backlogs["snapshot"].next_eligible is None
     finally:
         daemon.stop()

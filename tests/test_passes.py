@@ -15,13 +15,15 @@ from controller.core.loop import Loop
 from controller.core.passes import PassOptions, one_pass, remember, run_once
 from controller.core.ports import Reporter
 from controller.model.errors import CtrError
-from controller.model.outcome import Outcome, PassReport, Result
+from controller.model.outcome import Backlog, Outcome, PassReport, Result
 from controller.model.plan import Kind, Mode, Plan, PlanOptions
 from controller.model.records import (
     Container,
     ContainerdState,
     History,
     Observation,
+    StoreEntry,
+    StoreState,
     Task,
     TaskStatus,
     container_identity,
@@ -231,3 +233,35 @@ def test_a_snapshot_containerd_cannot_date_is_kept_with_its_ancestors_and_everyt
     assert set(fake.parents) == {"obuilder-a-committed", "obuilder-b"}
     assert [(s.kind, s.name) for s in report.stuck] == [(Kind.SNAPSHOT, "obuilder-b")]
     assert "could not date it" in report.stuck[0].reason and "bad wire type" in report.stuck[0].reason
+
+
+def test_the_backlog_of_each_kind_says_what_waits_until_when_what_is_held_back_and_what_is_stuck() -> None:
+    young = {f"obuilder-y{i}": NOW - timedelta(seconds=10 * (i + 1)) for i in range(3)}
+    old = dict.fromkeys([f"obuilder-o{i}" for i in range(4)], OLD)
+    fake = FakeContainerd(parents=dict.fromkeys([*young, *old]), created={**young, **old})
+    fake.containers["obuilder-run-1"] = Container(id="obuilder-run-1", created_at=OLD)
+    fake.tasks["obuilder-run-1"] = TaskStatus.STOPPED
+    fake.phantom_children.add("obuilder-o0")  # containerd refuses it for good: stuck
+    fresh = StoreEntry(id="fresh", area="result-tmp", changed_at=NOW - timedelta(seconds=30))
+    store = FakeStore(StoreState(root="/s", tmp=(fresh,)))
+    options = PlanOptions(
+        grace_period=timedelta(seconds=60), stale_after=timedelta(seconds=600), max_deletions_per_pass=2
+    )
+    idle = History(containers_idle_since={container_identity(fake.containers["obuilder-run-1"]): NOW})
+    events = Events()
+    report = one_pass(fake_ports(fake, store, reporter=events), PassOptions(plan=options, mode=Mode.DAEMON), idle, 1)
+    b = report.backlogs
+    # The oldest young one (30 s old) is eligible in 30 s; the container 60 s after it went idle.
+    assert b["snapshot"] == Backlog(
+        planned=2, waiting=3, next_eligible=NOW + timedelta(seconds=30), deferred=2, stuck=1
+    )
+    assert b["container"] == Backlog(waiting=1, next_eligible=NOW + timedelta(seconds=60))
+    assert b["result-tmp"] == Backlog(waiting=1, next_eligible=NOW + timedelta(seconds=570))
+    assert json.loads(report.model_dump_json())["backlogs"]["snapshot"]["deferred"] == 2
+
+
+def test_at_boot_nothing_waits() -> None:
+    fake = orphan_world()
+    report = run_once(fake_ports(fake, FakeStore(FakeStore.empty())), PassOptions(plan=PlanOptions(), mode=Mode.BOOT))
+    assert report.first.backlogs["snapshot"] == Backlog(planned=5)
+    assert report.last.backlogs["snapshot"] == Backlog()

@@ -34,7 +34,7 @@ class LogReporter(Reporter):
         window = f", re-check window max {report.recheck_window * 1000:.0f} ms" if report.recheck_window else ""
         log.info(
             "pass %d (%s): %d removed, %d failed, %d changed since planned, %d deferred, %d waiting out their "
-            "grace period, %d owned snapshots kept, %d ctr calls, %.2f s%s",
+            "grace period, %d owned snapshots kept, %d ctr calls, %.2f s%s%s",
             report.number,
             report.trigger or report.mode.value,
             report.progress,
@@ -46,6 +46,7 @@ class LogReporter(Reporter):
             report.ctr_calls or 0,
             report.seconds,
             window,
+            backlog_text(report),
         )
 
     def removed(self, kind: Kind, name: str, reason: str, outcome: Outcome) -> None:
@@ -72,6 +73,20 @@ class LogReporter(Reporter):
             result.message,
             extra={"kind": kind, "object": name, "outcome": result.outcome.value},
         )
+
+
+def backlog_text(report: PassReport) -> str:
+    """The backlog of each kind that has one, for the pass line: "; backlog: snapshot 3 waiting
+    (first eligible in 4 s), 1 stuck"."""
+    parts = []
+    for kind, b in report.backlogs.items():
+        counts = [f"{b.count(state)} {state}" for state in ("waiting", "deferred", "stuck") if b.count(state)]
+        if not counts:
+            continue
+        if b.next_eligible is not None:
+            counts[0] += f" (first eligible in {max(0.0, (b.next_eligible - report.time).total_seconds()):.0f} s)"
+        parts.append(f"{kind} {', '.join(counts)}")
+    return f"; backlog: {'; '.join(parts)}" if parts else ""
 
 
 class ProgressReporter(Reporter):

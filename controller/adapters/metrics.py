@@ -15,7 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controller.core.ports import Reporter
 from controller.model.errors import UsageError
-from controller.model.outcome import ACTION_KINDS, Outcome, PassReport, Result
+from controller.model.outcome import ACTION_KINDS, BACKLOG_KINDS, BACKLOG_STATES, Backlog, Outcome, PassReport, Result
 from controller.model.plan import DRIFT_KINDS, Kind
 
 ACTION_OUTCOMES = ("removed", "not_found", "failed")
@@ -33,6 +33,15 @@ METRICS = {
     "obuilder_reconcile_waiting_snapshots": (
         "gauge",
         "Orphan snapshots the last pass left waiting, by why: grace (gracePeriod) or deferred (maxDeletionsPerPass).",
+    ),
+    "obuilder_reconcile_backlog_objects": (
+        "gauge",
+        "The last pass's backlog by kind (container, snapshot, result-tmp) and state: planned, waiting "
+        "(gracePeriod, staleAfter), deferred (maxDeletionsPerPass), stuck.",
+    ),
+    "obuilder_reconcile_backlog_next_eligible_seconds": (
+        "gauge",
+        "Seconds from the end of the last pass until the first waiting object of a kind may go (0: none waits).",
     ),
     "obuilder_reconcile_orphan_bytes": ("gauge", "Disk held by orphan snapshots (when measureBytes is on)."),
     "obuilder_reconcile_reclaimed_bytes_total": ("counter", "Disk freed by removed snapshots (measureBytes)."),
@@ -79,6 +88,18 @@ class Metrics(Reporter):
             ["reason"],
             registry=r,
         )
+        self.backlog = Gauge(
+            "obuilder_reconcile_backlog_objects",
+            help_of("obuilder_reconcile_backlog_objects"),
+            ["kind", "state"],
+            registry=r,
+        )
+        self.next_eligible = Gauge(
+            "obuilder_reconcile_backlog_next_eligible_seconds",
+            help_of("obuilder_reconcile_backlog_next_eligible_seconds"),
+            ["kind"],
+            registry=r,
+        )
         self.orphan_bytes = Gauge(
             "obuilder_reconcile_orphan_bytes", help_of("obuilder_reconcile_orphan_bytes"), registry=r
         )
@@ -96,6 +117,10 @@ class Metrics(Reporter):
             self.owned.labels(kind)
         for reason in WAITING_REASONS:
             self.waiting.labels(reason)
+        for kind in BACKLOG_KINDS:
+            self.next_eligible.labels(kind.value)
+            for state in BACKLOG_STATES:
+                self.backlog.labels(kind.value, state)
 
     def removed(self, kind: Kind, name: str, reason: str, outcome: Outcome) -> None:
         self.actions.labels(kind.value, "removed" if outcome is Outcome.REMOVED else "not_found").inc()
@@ -117,6 +142,14 @@ class Metrics(Reporter):
             self.owned.labels(kind).set(status.owned.get(kind, 0))
         for reason in WAITING_REASONS:
             self.waiting.labels(reason).set(status.waiting.get(reason, 0))
+        for kind in BACKLOG_KINDS:
+            backlog = status.backlogs.get(kind.value, Backlog())
+            for state in BACKLOG_STATES:
+                self.backlog.labels(kind.value, state).set(backlog.count(state))
+            eligible = backlog.next_eligible
+            self.next_eligible.labels(kind.value).set(
+                0 if eligible is None else max(0.0, (eligible - status.time).total_seconds())
+            )
         if status.orphan_bytes is not None:
             self.orphan_bytes.set(status.orphan_bytes)
         if status.reclaimed_bytes:

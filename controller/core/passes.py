@@ -10,7 +10,7 @@ pass limit is reached.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -19,7 +19,7 @@ from controller.core.executor import PassResult, execute
 from controller.core.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
 from controller.core.ports import ContainerdPort, Ports
 from controller.model.errors import CtrError, CtrTimeoutError
-from controller.model.outcome import ActionResult, Outcome, PassReport, RunReport, Stuck
+from controller.model.outcome import BACKLOG_KINDS, ActionResult, Backlog, Outcome, PassReport, RunReport, Stuck
 from controller.model.plan import Kind, Mode, Plan, PlanOptions, Rule
 from controller.model.records import ContainerdState, History, Observation, TaskStatus, container_identity
 
@@ -115,6 +115,7 @@ def one_pass(
             "unjudged": kept,
             "stuck": report.stuck + kept,
             "drift": {**report.drift, "stuck": report.drift.get("stuck", 0) + len(kept)},
+            "backlogs": backlogs(plan, observation, options.plan, now, dating.dated, report.stuck + kept),
         }
     )
     if not options.dry_run:
@@ -190,8 +191,15 @@ class _Dating:
     def __init__(self, source: ContainerdPort) -> None:
         self.source = source
         self.undated: dict[str, str] = {}
+        #: Every Created read, for when what waits becomes eligible.
+        self.dated: dict[str, datetime | None] = {}
 
     def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
+        out = self._ask(keys)
+        self.dated.update(out)
+        return out
+
+    def _ask(self, keys: Sequence[str]) -> dict[str, datetime | None]:
         try:
             return self.source.snapshot_created(keys)
         except CtrTimeoutError:
@@ -207,6 +215,49 @@ class _Dating:
             except CtrError as e:
                 self.undated[key] = str(e)
         return out
+
+
+def backlogs(
+    plan: Plan,
+    observation: Observation,
+    options: PlanOptions,
+    now: datetime,
+    created: Mapping[str, datetime | None],
+    stuck: Sequence[Stuck],
+) -> dict[str, Backlog]:
+    """Per kind: planned, waiting (gracePeriod, staleAfter) and when the first is eligible, deferred
+    (maxDeletionsPerPass), stuck. Only the daemon waits: at boot nothing is kept for now."""
+    stuck_by = Counter(s.kind for s in stuck)
+    created = {**{s.key: s.created for s in observation.containerd.snapshots if s.created is not None}, **created}
+    waiting: dict[Kind, list[datetime | None]] = defaultdict(list)
+    for key, (rule, _) in plan.snapshot_keeps.items():
+        if rule is Rule.GRACE:
+            when = created.get(key)
+            waiting[Kind.SNAPSHOT].append(None if when is None else when + options.grace_period)
+    idle = observation.history.containers_idle_since
+    by_id = {c.id: c for c in observation.containerd.containers}
+    tmp = {e.id: e for e in observation.store.tmp}
+    for d in plan.decisions:
+        if d.kind is Kind.CONTAINER and d.rule is Rule.GRACE and d.name in by_id:
+            since = idle.get(container_identity(by_id[d.name]))
+            waiting[Kind.CONTAINER].append(None if since is None else since + options.grace_period)
+        elif d.kind is Kind.RESULT_TMP and d.keep and d.rule is Rule.LIVE_BUILD and plan.mode is Mode.DAEMON:
+            entry = tmp.get(d.name)
+            changed = entry.changed_at if entry is not None else None
+            if changed is None or now - changed < options.stale_after:
+                waiting[Kind.RESULT_TMP].append(None if changed is None else changed + options.stale_after)
+    planned = _planned(plan)
+    out = {}
+    for kind in BACKLOG_KINDS:
+        times = [t for t in waiting[kind] if t is not None]
+        out[kind.value] = Backlog(
+            planned=planned[kind.value],
+            waiting=len(waiting[kind]),
+            next_eligible=max(min(times), now) if times else None,
+            deferred=len(plan.deferred) if kind is Kind.SNAPSHOT else 0,
+            stuck=stuck_by[kind],
+        )
+    return out
 
 
 def hold_what_they_may_use(plan: Plan, containerd: ContainerdState, unjudged: Mapping[str, str]) -> Plan:
@@ -265,6 +316,7 @@ def error_report(
         containerd_up=containerd_up,
         drift=prior.drift if prior else {},
         backlog=prior.backlog if prior else 0,
+        backlogs=prior.backlogs if prior else {},
         stuck=prior.stuck if prior else (),
         owned=prior.owned if prior else {},
     )

@@ -74,6 +74,29 @@ class Stuck(Record):
     reason: str
 
 
+#: The kinds the backlog is counted for, as the status file and the metrics name them.
+BACKLOG_KINDS = (Kind.CONTAINER, Kind.SNAPSHOT, Kind.RESULT_TMP)
+#: The states of the backlog: planned this pass, waiting out gracePeriod or staleAfter, held back
+#: by maxDeletionsPerPass, stuck (should have gone and did not, or could not be judged).
+BACKLOG_STATES = ("planned", "waiting", "deferred", "stuck")
+
+
+class Backlog(Record):
+    """One kind's backlog after a pass: what it set out to remove, and what is left waiting and why."""
+
+    planned: int = 0
+    #: Kept only for now: created (or idle) less than gracePeriod ago, unchanged less than staleAfter.
+    waiting: int = 0
+    #: When the first of those becomes eligible for removal (None: nothing waits).
+    next_eligible: datetime | None = None
+    #: Orphans held back by maxDeletionsPerPass (snapshots only).
+    deferred: int = 0
+    stuck: int = 0
+
+    def count(self, state: str) -> int:
+        return int(getattr(self, state))
+
+
 def _by_kind(results: Iterable[ActionResult], keep: Iterable[Outcome]) -> dict[str, int]:
     wanted = set(keep)
     counts = Counter(r.kind.value for r in results if r.outcome in wanted)
@@ -110,6 +133,9 @@ class PassReport(Record):
     #: The backlog by why it waits: ``grace`` (created less than gracePeriod ago, or not yet dated)
     #: and ``deferred`` (maxDeletionsPerPass).
     waiting: dict[str, int] = Field(default_factory=dict)
+    #: Per kind (container, snapshot, result-tmp): planned, waiting (and when the first is eligible),
+    #: deferred, stuck. What a graph of the leak building up during the grace period reads.
+    backlogs: dict[str, Backlog] = Field(default_factory=dict)
     store_drift: StoreDrift = StoreDrift()
     owned: dict[str, int] = Field(default_factory=dict)
     kept_snapshots: int = 0
