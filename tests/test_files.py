@@ -340,10 +340,14 @@ def test_on_windows_every_removal_call_gets_the_extended_form(monkeypatch: pytes
             mode = stat.S_IFDIR | 0o755 if kind == "dir" else stat.S_IFREG | 0o644
             return os.stat_result((mode, 0, 0, 1, 0, 0, 0, 0, 0, 0))
 
-        def listdir(self, path: str) -> list[str]:
+        def entries(self, path: str) -> list[tuple[str, platform.EntryKind]]:
             seen.append(path)
             inner = path.removeprefix("\\\\?\\")
-            return [p[len(inner) + 1 :] for p in tree if ntpath.dirname(p) == inner]
+            return [
+                (p[len(inner) + 1 :], "dir" if kind == "dir" else "file")
+                for p, kind in tree.items()
+                if ntpath.dirname(p) == inner
+            ]
 
         def unlink(self, path: str) -> None:
             seen.append(path)

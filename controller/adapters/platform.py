@@ -256,6 +256,24 @@ class FileOps:
     def listdir(self, path: str) -> list[str]:
         return os.listdir(path)
 
+    def entries(self, path: str) -> list[tuple[str, EntryKind]]:
+        """A folder's entries and what each is, from the listing itself: Windows' listing
+        carries every entry's attributes, POSIX's its type, so no call per entry."""
+        out: list[tuple[str, EntryKind]] = []
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    if IS_WINDOWS:
+                        kind = entry_kind(entry.stat(follow_symlinks=False))
+                    elif entry.is_symlink():
+                        kind = "link"
+                    else:
+                        kind = "dir" if entry.is_dir(follow_symlinks=False) else "file"
+                except FileNotFoundError:
+                    continue
+                out.append((entry.name, kind))
+        return out
+
     def unlink(self, path: str) -> None:
         os.unlink(path)
 
@@ -272,9 +290,16 @@ class FileOps:
         os.replace(src, dst)
 
 
-def _link_is_dir(st: os.stat_result) -> bool:
-    # A directory junction or directory symlink is removed with rmdir on Windows.
-    return IS_WINDOWS and bool(getattr(st, "st_file_attributes", 0) & _FILE_ATTRIBUTE_DIRECTORY)
+#: What an entry is, for removing it: a link to a folder (Windows: a junction or directory
+#: symlink) is removed with rmdir, any other link with unlink; neither is followed.
+EntryKind = Literal["file", "dir", "link", "dirlink"]
+
+
+def entry_kind(st: os.stat_result) -> EntryKind:
+    if is_link(st):
+        dir_link = IS_WINDOWS and bool(getattr(st, "st_file_attributes", 0) & _FILE_ATTRIBUTE_DIRECTORY)
+        return "dirlink" if dir_link else "link"
+    return "dir" if stat.S_ISDIR(st.st_mode) else "file"
 
 
 def _writable(ops: FileOps, path: str) -> None:
@@ -286,16 +311,15 @@ def _writable(ops: FileOps, path: str) -> None:
         pass
 
 
-def _remove_one(ops: FileOps, path: str, st: os.stat_result, top: str, sleep: Callable[[float], None]) -> None:
+def _remove_one(ops: FileOps, path: str, kind: EntryKind, top: str, sleep: Callable[[float], None]) -> None:
     """Remove one file, link or (empty) directory: retried while held, and once more after
     making it and its folder writable when refused."""
     codes = SHARING_VIOLATIONS
-    if is_link(st):
-        action: Callable[[str], None] = ops.rmdir if _link_is_dir(st) else ops.unlink
-    elif stat.S_ISDIR(st.st_mode):
+    action: Callable[[str], None] = ops.unlink
+    if kind == "dir":
         action, codes = ops.rmdir, SHARING_VIOLATIONS | {DIR_NOT_EMPTY}
-    else:
-        action = ops.unlink
+    elif kind == "dirlink":
+        action = ops.rmdir
     try:
         retry_while_held(lambda: action(path), codes=codes, sleep=sleep)
     except FileNotFoundError:
@@ -305,7 +329,7 @@ def _remove_one(ops: FileOps, path: str, st: os.stat_result, top: str, sleep: Ca
             raise
         # Windows: the read-only attribute (files, and folders for rmdir); POSIX: a folder
         # without write permission. Never the permissions of anything outside the tree.
-        if not is_link(st):
+        if kind in ("file", "dir"):
             _writable(ops, path)
         parent = os.path.dirname(path)
         if path != top and parent.startswith(top):
@@ -328,16 +352,16 @@ def remove_tree(path: str, *, ops: FileOps | None = None, sleep: Callable[[float
         st = ops.lstat(top)
     except FileNotFoundError:
         return
-    if is_link(st) or not stat.S_ISDIR(st.st_mode):
-        _remove_one(ops, top, st, top, sleep)
+    if entry_kind(st) != "dir":
+        _remove_one(ops, top, entry_kind(st), top, sleep)
         return
     first: OSError | None = None
     kept: set[str] = set()  # folders that keep a child that could not go
 
-    def attempt(target: str, tst: os.stat_result) -> None:
+    def attempt(target: str, kind: EntryKind) -> None:
         nonlocal first
         try:
-            _remove_one(ops, target, tst, top, sleep)
+            _remove_one(ops, target, kind, top, sleep)
         except OSError as e:
             first = first or e
             parent = os.path.dirname(target)
@@ -346,32 +370,28 @@ def remove_tree(path: str, *, ops: FileOps | None = None, sleep: Callable[[float
                 parent = os.path.dirname(parent)
 
     # Iterative, children before their folder: trees can be deeper than Python's recursion.
-    stack: list[tuple[str, os.stat_result, bool]] = [(top, st, False)]
+    stack: list[tuple[str, bool]] = [(top, False)]
     while stack:
-        folder, fst, listed = stack.pop()
+        folder, listed = stack.pop()
         if listed:
             if folder not in kept:
-                attempt(folder, fst)
+                attempt(folder, "dir")
             continue
-        stack.append((folder, fst, True))
+        stack.append((folder, True))
         try:
-            names = ops.listdir(folder)
+            found = ops.entries(folder)
         except FileNotFoundError:
             stack.pop()
             continue
         except PermissionError:
             _writable(ops, folder)  # POSIX: a folder without read or search permission
-            names = ops.listdir(folder)
-        for name in names:
+            found = ops.entries(folder)
+        for name, kind in found:
             child = os.path.join(folder, name)
-            try:
-                cst = ops.lstat(child)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(cst.st_mode) and not is_link(cst):
-                stack.append((child, cst, False))
+            if kind == "dir":
+                stack.append((child, False))
             else:
-                attempt(child, cst)
+                attempt(child, kind)
     if first is not None:
         raise first
 
