@@ -154,6 +154,69 @@ def test_windows_rm_and_unclaimed_folders_are_named_with_their_bytes(tmp_path: P
     assert observer.calls == 3  # namespaces, one listing, one mounts
 
 
+def test_an_unknown_folder_is_walked_again_only_when_it_changed_or_after_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import controller.adapters.disk as disk
+
+    folder, observer = windows_world(tmp_path, {"1": 1, "2": 2, "3": 3, "rm-5": 500})
+    now = [0.0]
+    observer.clock, observer.remeasure = (lambda: now[0]), 600.0
+    walked: list[str] = []
+    real = disk.tree_bytes
+
+    def counted(path: str) -> int:
+        walked.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(disk, "tree_bytes", counted)
+    assert observer.observe().removed_bytes == 500
+    assert observer.observe().removed_bytes == 500
+    assert walked == ["rm-5"], "a folder nothing writes to is not walked every pass"
+    os.unlink(Path(folder) / "rm-5" / "Files" / "data")
+    os.rmdir(Path(folder) / "rm-5" / "Files")  # rm-5's own stamp changes
+    assert observer.observe().removed_bytes == 0
+    now[0] = 601.0
+    assert observer.observe().removed_bytes == 0
+    assert walked == ["rm-5", "rm-5", "rm-5"]
+
+
+def test_tree_bytes_asks_the_file_when_the_listing_has_no_link_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows' folder listing gives no link count or file id: a hard-linked file must still count once."""
+    layer = tmp_path / "rm-9"
+    (layer / "Windows" / "WinSxS").mkdir(parents=True)
+    (layer / "Windows" / "System32").mkdir(parents=True)
+    (layer / "Windows" / "WinSxS" / "kernel32.dll").write_bytes(b"k" * 700)
+    os.link(layer / "Windows" / "WinSxS" / "kernel32.dll", layer / "Windows" / "System32" / "kernel32.dll")
+    real_scandir = os.scandir
+
+    class AsOnWindows:
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self.entry, self.path, self.name = entry, entry.path, entry.name
+
+        def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+            st = self.entry.stat(follow_symlinks=follow_symlinks)
+            return os.stat_result((st.st_mode, 0, 0, 0, 0, 0, st.st_size, 0, 0, 0))
+
+    class Listing:
+        def __init__(self, path: str) -> None:
+            self.it = real_scandir(path)
+
+        def __enter__(self) -> Listing:
+            return self
+
+        def __iter__(self) -> Iterator[AsOnWindows]:
+            return (AsOnWindows(e) for e in self.it)
+
+        def __exit__(self, *exc: object) -> None:
+            self.it.close()
+
+    monkeypatch.setattr(os, "scandir", Listing)
+    assert tree_bytes(str(layer)) == 700
+
+
 def test_a_surplus_that_cannot_be_told_apart_is_counted_not_named(tmp_path: Path) -> None:
     # Folders 4 and 5 for one snapshot too many: which one is containerd's is not knowable.
     folder, observer = windows_world(tmp_path, {"1": 1, "2": 2, "3": 3, "4": 4, "5": 5})

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
@@ -116,6 +117,13 @@ def tree_bytes(path: str) -> int:
                 if stat.S_ISDIR(est.st_mode) and not platform.is_link(est):
                     stack.append(item.path)
                 elif stat.S_ISREG(est.st_mode):
+                    if est.st_nlink == 0:
+                        # Windows' listing has no link count or file id; its layers hard-link
+                        # much of WinSxS, so ask the file itself.
+                        try:
+                            est = os.lstat(item.path)
+                        except OSError:
+                            continue
                     if est.st_nlink > 1 and est.st_ino:
                         if (est.st_dev, est.st_ino) in seen:
                             continue
@@ -138,8 +146,19 @@ class DiskObserver:
     """Looks at the snapshotter's folder through the ``Ctr`` it is given (its snapshotter;
     every namespace, as they share the snapshotter's folder)."""
 
-    def __init__(self, ctr: Ctr, *, for_namespace: Callable[[str], Ctr] | None = None) -> None:
+    def __init__(
+        self,
+        ctr: Ctr,
+        *,
+        for_namespace: Callable[[str], Ctr] | None = None,
+        remeasure: float = 1800.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ctr = ctr
+        #: Seconds before an unknown folder's bytes are walked again though its stamp is the same.
+        self.remeasure = remeasure
+        self.clock = clock
+        self._sizes: dict[str, tuple[tuple[int, int, int], float, int]] = {}
         #: A Ctr for another namespace (its own, so its calls are counted here, not in the pass's).
         self.for_namespace = for_namespace or (lambda name: Ctr(replace(ctr.settings, namespace=name)))
         self.calls = 0
@@ -185,9 +204,9 @@ class DiskObserver:
                 unknown.extend((n, "unclaimed") for n in candidates)
             else:
                 unattributed = surplus
-        found = tuple(
-            UnknownFolder(name=n, reason=r, size_bytes=tree_bytes(os.path.join(folder, n))) for n, r in unknown
-        )
+        found = tuple(UnknownFolder(name=n, reason=r, size_bytes=self._size(folder, n)) for n, r in unknown)
+        current = {os.path.join(folder, n) for n, _ in unknown}
+        self._sizes = {path: known for path, known in self._sizes.items() if path in current}
         return DiskDrift(
             folder=folder,
             snapshots=snapshots,
@@ -206,6 +225,23 @@ class DiskObserver:
         """What a pass reclaimed on disk, from what containerd measured of the snapshots it
         removed (None when it measured nothing) and this pass's look at the disk."""
         return None if removed_bytes is None else self.ledger.account(removed_bytes, drift)
+
+    def _size(self, folder: str, name: str) -> int:
+        """A folder's bytes, walked again only when its own stamp changed or ``remeasure`` passed:
+        nothing writes into a folder containerd has dropped, and a layer can hold 100,000 files."""
+        path = os.path.join(folder, name)
+        try:
+            st = os.lstat(platform.long_path(path))
+        except OSError:
+            return 0
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        now = self.clock()
+        known = self._sizes.get(path)
+        if known is not None and known[0] == stamp and now - known[1] < self.remeasure:
+            return known[2]
+        size = tree_bytes(path)
+        self._sizes[path] = (stamp, now, size)
+        return size
 
     def _listing(self, folder: str) -> list[str] | str:
         """The folder's names, or why they could not be read."""
