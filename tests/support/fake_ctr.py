@@ -200,11 +200,12 @@ def as_json(x: object) -> str:
 # -- the objects ------------------------------------------------------------------------------
 
 
-def _when(world: Json, obj: Json) -> datetime:
-    """An object's Created: ``created`` as given, else ``age`` seconds before the world's epoch."""
+def _when(world: Json, obj: Json) -> str:
+    """An object's Created as Go prints it: ``created`` as given (nanoseconds kept), else
+    ``age`` seconds before the world's epoch."""
     if obj.get("created"):
-        return datetime.fromisoformat(obj["created"])
-    return datetime.fromisoformat(world["epoch"]) - timedelta(seconds=float(obj.get("age", 0)))
+        return str(obj["created"])
+    return go_time(datetime.fromisoformat(world["epoch"]) - timedelta(seconds=float(obj.get("age", 0))))
 
 
 def _snapshot_info(world: Json, key: str) -> Json:
@@ -214,7 +215,7 @@ def _snapshot_info(world: Json, key: str) -> Json:
         info["Parent"] = snap["parent"]
     if snap.get("labels"):
         info["Labels"] = snap["labels"]
-    created = go_time(_when(world, snap))
+    created = _when(world, snap)
     info["Created"] = created
     info["Updated"] = created
     return info
@@ -238,7 +239,7 @@ def _container_info(world: Json, cid: str) -> Json:
     layer_folders = list(c.get("layers") or _layer_chain(world, c.get("parent_snapshot")))
     if c.get("folder") is not None:
         layer_folders.append(folder(c["folder"]))
-    created = go_time(_when(world, c))
+    created = _when(world, c)
     spec: Json = {
         "ociVersion": "1.1.0",
         "process": {
