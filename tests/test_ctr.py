@@ -119,6 +119,40 @@ def test_missing_ctr_and_timeouts_are_errors_a_user_can_read(tmp_path: Path) -> 
         Ctr(CtrSettings(ctr=str(slow), timeout=0.2)).snapshots()
 
 
+@pytest.mark.parametrize("impostor", ["/bin/true", "prints something else", "fails"])
+def test_a_ctr_that_is_not_ctr_is_refused_by_its_version_before_anything_is_believed(
+    tmp_path: Path, impostor: str
+) -> None:
+    # /bin/true answers every call with nothing and exit 0: every store would look clean.
+    exe = tmp_path / "ctr"
+    if impostor == "/bin/true":
+        exe = Path("/bin/true")
+    else:
+        exe.write_text("#!/bin/sh\necho 'Usage: tool [options]'\n" + ("exit 3\n" if impostor == "fails" else ""))
+        exe.chmod(0o755)
+    with pytest.raises(CtrNotFoundError, match=r"is not ctr: `--version` exited \d+ and printed"):
+        Ctr(CtrSettings(ctr=str(exe))).snapshots()
+
+
+def test_ctr_is_asked_its_version_once_per_executable(tmp_path: Path) -> None:
+    asked = tmp_path / "asked"
+    exe = tmp_path / "ctr"
+    exe.write_text(
+        f'#!/bin/sh\nfor a; do [ "$a" = --version ] && echo x >> {asked} '
+        "&& echo 'ctr github.com/containerd/containerd/v2 2.1.1' && exit 0; done\necho 'KEY PARENT KIND'\n"
+    )
+    exe.chmod(0o755)
+    for _ in range(2):
+        ctr = Ctr(CtrSettings(ctr=str(exe)))
+        assert ctr.snapshots() == () and ctr.snapshots() == ()
+        assert ctr.calls == 2  # the version is not a pass's cost
+    assert asked.read_text().count("x") == 1
+    assert Ctr(CtrSettings(ctr=str(exe))).check_identity() == "ctr github.com/containerd/containerd/v2 2.1.1"
+    exe.write_text("#!/bin/sh\necho nope\n")  # replaced: asked again
+    with pytest.raises(CtrNotFoundError, match="'nope'"):
+        Ctr(CtrSettings(ctr=str(exe))).snapshots()
+
+
 @pytest.mark.containerd
 def test_real_ctr_output_parses_and_removal_is_batched_and_idempotent(
     world: World, containerd: PrivateContainerd, namespace: str

@@ -11,6 +11,7 @@ records one line (``fault`` fixture), printed by ``make test`` under "faults".
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import time
@@ -543,3 +544,38 @@ def test_the_daemon_keeps_a_snapshot_containerd_cannot_date_and_the_rest_goes(
     ctr.disarm("snapshot-info-fails")
     converges(containerd, namespace, world.root, gone=bad)
     fault("a snapshot containerd cannot date (daemon)", f"kept with its ancestors, reported stuck; {held}")
+
+
+# -- a ctr that is not ctr ------------------------------------------------------------------------
+
+
+def test_a_ctr_that_is_not_ctr_is_refused_once_with_the_documented_code(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, fault: Fault
+) -> None:
+    _, orphans = leak(world)
+    holdings = Holdings.take(containerd, namespace)
+    for impostor in ("/bin/true", "/bin/echo"):
+        run = reconcile_on(containerd, namespace, world.root, "--once", "--ctr", impostor)
+        no_traceback(run)
+        assert run.code == documented("ctr is missing", "usage"), run.stderr
+        assert f"'{impostor}' is not ctr: `--version` exited 0" in run.stderr, run.stderr
+    held = holdings.held()
+    daemon = DaemonProcess(
+        containerd, world.root, policy(tmp_path / "p.yaml", namespace, ctr=Path("/bin/true")), tmp_path / "d.log"
+    )
+    try:
+        time.sleep(8)
+        failed = re.findall(r"pass failed \('/bin/true' is not ctr.*\); retrying in ([\d.]+) s", daemon.text())
+        assert daemon.proc.poll() is None
+    finally:
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.text()
+    # It backs off rather than spins: a handful of tries in 8 s, each wait longer than the one before.
+    assert 2 <= len(failed) <= 5, daemon.text()
+    assert float(failed[-1]) > float(failed[0])
+    held = holdings.held()
+    converges(containerd, namespace, world.root, gone=orphans)
+    fault(
+        "a ctr that is not ctr (/bin/true, /bin/echo)",
+        f"--once exits {run.code} 'is not ctr'; the daemon tried {len(failed)} times in 8 s, backing off; {held}",
+    )

@@ -13,7 +13,9 @@ Facts from ctr's source (1.6 to 2.x) this module relies on:
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -31,6 +33,12 @@ from controller.model.records import Container, Snapshot, Task, TaskStatus
 
 V = TypeVar("V")
 _DEFAULTS = ReconcilePolicySpec()
+
+#: ``ctr --version``'s first line, 1.6 to 2.x: "ctr github.com/containerd/containerd/v2 2.1.1".
+_CTR_VERSION = re.compile(r"^ctr(?:\.exe)?\s+\S+.*\d")
+#: What ``--version`` said, by executable (path, mtime, size): (is ctr, its first line or why not).
+_IDENTITIES: dict[tuple[str, int, int], tuple[bool, str]] = {}
+_IDENTITY_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -58,9 +66,45 @@ class Ctr:
         self._argv0 = [s.ctr, "--address", s.address, "--namespace", s.namespace]
 
     def run(self, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        self.check_identity()
         argv = [*self._argv0, *args]
         with self._lock:
             self.calls += 1
+        return self._spawn(argv)
+
+    def check_identity(self) -> str:
+        """``ctr --version``, asked once per executable (and again only if the file changes): a
+        ``--ctr`` that runs but is not ctr (``/bin/true`` answers every call with nothing, so every
+        store would look clean) is a :class:`CtrNotFoundError` naming what it printed.
+
+        Not counted in :attr:`calls`, which counts what a pass costs: this is once a run."""
+        exe = shutil.which(self.settings.ctr) or self.settings.ctr
+        try:
+            st = os.stat(exe)
+            key = (exe, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = (exe, 0, 0)  # running it says why
+        with _IDENTITY_LOCK:
+            known = _IDENTITIES.get(key)
+            if known is None:
+                proc = self._spawn([self.settings.ctr, "--version"])
+                first = (proc.stdout.strip().splitlines() or [""])[0]
+                if proc.returncode == 0 and _CTR_VERSION.match(first):
+                    known = (True, first)
+                else:
+                    shown = (first or proc.stderr.strip())[:120]
+                    known = (
+                        False,
+                        f"{self.settings.ctr!r} is not ctr: `--version` exited {proc.returncode} and printed "
+                        f"{shown!r}, where ctr prints 'ctr github.com/containerd/containerd VERSION'",
+                    )
+                _IDENTITIES[key] = known
+        is_ctr, said = known
+        if not is_ctr:
+            raise CtrNotFoundError(said)
+        return said
+
+    def _spawn(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(
                 argv,
@@ -201,6 +245,22 @@ class Ctr:
                 results[pending[failed_at]] = classify(proc.stderr, pending[failed_at])
                 pending = pending[failed_at + 1 :]
         return results
+
+    def collect_garbage(self) -> Result:
+        """Run containerd's garbage collection now and wait for it to finish.
+
+        ctr has no GC command, but deleting a lease with ``--sync`` makes containerd collect
+        at once and answer only when the collection (layer folders included) is done. The
+        lease is ours and empty; should its removal fail, it expires by itself in a minute.
+        """
+        lease = f"obuilder-reconcile-gc-{os.getpid()}-{time.monotonic_ns()}"
+        made = self.run(["leases", "create", "--id", lease, "--expires", "1m"])
+        if made.returncode != 0:
+            return Result(Outcome.FAILED, f"leases create: {_last_error(made.stderr)}")
+        done = self.run(["leases", "rm", "--sync", "--", lease])
+        if done.returncode != 0:
+            return Result(Outcome.FAILED, f"leases rm --sync: {_last_error(done.stderr)}")
+        return Result(Outcome.REMOVED)
 
     def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]:
         """``tasks delete --force``: kills a running task, then deletes it."""
