@@ -130,6 +130,7 @@ def summary_json(run: RunReport) -> dict[str, Any]:
         "warnings": list(last.warnings),
         "seconds": run.seconds,
         "ctr_calls": run.ctr_calls,
+        "garbage_collection": run.garbage_collection,
         "exit_code": run.exit_code,
     }
 

@@ -76,3 +76,6 @@ class CtrContainerd:
 
     def usage(self, keys: Sequence[str]) -> dict[str, int]:
         return self.ctr.usage(keys) if keys else {}
+
+    def collect_garbage(self) -> Result:
+        return self.ctr.collect_garbage()

@@ -262,6 +262,22 @@ class Ctr:
             return Result(Outcome.FAILED, f"leases rm --sync: {_last_error(done.stderr)}")
         return Result(Outcome.REMOVED)
 
+    def collect_garbage(self) -> Result:
+        """Run containerd's garbage collection now and wait for it to finish.
+
+        ctr has no GC command, but deleting a lease with ``--sync`` makes containerd collect
+        at once and answer only when the collection (layer folders included) is done. The
+        lease is ours and empty; should its removal fail, it expires by itself in a minute.
+        """
+        lease = f"obuilder-reconcile-gc-{os.getpid()}-{time.monotonic_ns()}"
+        made = self.run(["leases", "create", "--id", lease, "--expires", "1m"])
+        if made.returncode != 0:
+            return Result(Outcome.FAILED, f"leases create: {_last_error(made.stderr)}")
+        done = self.run(["leases", "rm", "--sync", "--", lease])
+        if done.returncode != 0:
+            return Result(Outcome.FAILED, f"leases rm --sync: {_last_error(done.stderr)}")
+        return Result(Outcome.REMOVED)
+
     def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]:
         """``tasks delete --force``: kills a running task, then deletes it."""
         return self._remove_each(["tasks", "delete", "--force"], ids, _TASK_FAILURE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -19,7 +20,16 @@ from controller.core.executor import PassResult, execute
 from controller.core.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
 from controller.core.ports import ContainerdPort, Ports
 from controller.model.errors import CtrError, CtrTimeoutError
-from controller.model.outcome import BACKLOG_KINDS, ActionResult, Backlog, Outcome, PassReport, RunReport, Stuck
+from controller.model.outcome import (
+    BACKLOG_KINDS,
+    ActionResult,
+    Backlog,
+    Outcome,
+    PassReport,
+    Result,
+    RunReport,
+    Stuck,
+)
 from controller.model.plan import Kind, Mode, Plan, PlanOptions, Rule
 from controller.model.records import ContainerdState, History, Observation, TaskStatus, container_identity
 
@@ -136,6 +146,11 @@ def run_once(
     calls = ports.containerd.calls
     history = History()
     reports: list[PassReport] = []
+    # Removed snapshots leave their layer folders to containerd's next garbage collection. At
+    # boot nothing else runs, so one is started as soon as a pass has removed any, beside the
+    # next look, and the run ends once it has finished: the worker starts with its disk back.
+    collector = ThreadPoolExecutor(max_workers=1)
+    collections: list[Future[Result]] = []
 
     def look(number: int, dry_run: bool) -> PassReport:
         nonlocal history
@@ -145,24 +160,29 @@ def run_once(
         report = one_pass(ports, pass_options, history, number)
         history = report.history or history
         reports.append(report)
+        if report.removed.get(Kind.SNAPSHOT.value):
+            collections.append(collector.submit(_collect_garbage, ports.containerd))
         return report
 
     limit_hit = False
-    if options.dry_run:
-        look(1, True)
-    else:
-        for number in range(1, max_passes + 1):
-            report = look(number, False)
-            if report.planned_total == 0:
-                break
-            if report.progress == 0:
-                # Nothing moved (what it planned failed, or was gone already): one more look,
-                # without acting, says whether anything is left.
-                look(number + 1, True)
-                break
+    with collector:
+        if options.dry_run:
+            look(1, True)
         else:
-            # Every pass made progress: one more look, without acting, says where it stands.
-            limit_hit = look(max_passes + 1, True).planned_total > 0
+            for number in range(1, max_passes + 1):
+                report = look(number, False)
+                if report.planned_total == 0:
+                    break
+                if report.progress == 0:
+                    # Nothing moved (what it planned failed, or was gone already): one more look,
+                    # without acting, says whether anything is left.
+                    look(number + 1, True)
+                    break
+            else:
+                # Every pass made progress: one more look, without acting, says where it stands.
+                limit_hit = look(max_passes + 1, True).planned_total > 0
+        collected = [job.result() for job in collections]
+    failed_gc = [r.message for r in collected if not r.outcome.done]
     last = reports[-1]
     converged = last.planned_total == 0
     stuck: list[Stuck] = []
@@ -179,7 +199,16 @@ def run_once(
         stuck=tuple(stuck),
         seconds=round((ports.clock.now() - started).total_seconds(), 3),
         ctr_calls=ports.containerd.calls - calls,
+        garbage_collection=None if not collected else (failed_gc[-1] if failed_gc else "done"),
     )
+
+
+def _collect_garbage(containerd: ContainerdPort) -> Result:
+    """A collection that fails or times out is reported; what was removed stays removed."""
+    try:
+        return containerd.collect_garbage()
+    except CtrError as e:
+        return Result(Outcome.FAILED, str(e))
 
 
 class _Dating:

@@ -41,6 +41,13 @@ class ContainerdPort(Protocol):
         """Bytes each snapshot holds; keys it cannot measure are left out."""
         ...
 
+    def collect_garbage(self) -> Result:
+        """containerd's garbage collection, now, returning once it has finished.
+
+        Removing a snapshot drops containerd's record of it; its layer folder goes in a
+        later collection. After this the disk is back (or the failure says why not)."""
+        ...
+
 
 class StorePort(Protocol):
     """The OBuilder store: read whole, asked about one entry, and its leftovers removed."""

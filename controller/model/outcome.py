@@ -187,6 +187,9 @@ class RunReport(Record):
     stuck: tuple[Stuck, ...] = ()
     seconds: float = 0.0
     ctr_calls: int | None = None
+    #: containerd's garbage collection after the removals (layer folders are deleted in it),
+    #: waited for: "done", why it failed, or None when nothing was removed.
+    garbage_collection: str | None = None
 
     @property
     def first(self) -> PassReport:

@@ -31,6 +31,9 @@ class FakeContainerd:
     created: dict[str, datetime] = field(default_factory=dict)
     #: Bytes each snapshot holds (``snapshots usage``).
     sizes: dict[str, int] = field(default_factory=dict)
+    #: Removed snapshots whose layer folder waits for containerd's garbage collection.
+    uncollected: set[str] = field(default_factory=set)
+    collections: int = 0
 
     @classmethod
     def from_state(cls, state: ContainerdState) -> FakeContainerd:
@@ -56,6 +59,12 @@ class FakeContainerd:
     def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
         self.calls += len(keys)
         return {k: self.created.get(k, _EPOCH) if k in self.parents else None for k in keys}
+
+    def collect_garbage(self) -> Result:
+        self.calls += 2
+        self.collections += 1
+        self.uncollected.clear()
+        return Result(Outcome.REMOVED)
 
     def recreate(self, key: str, parent: str | None, when: datetime) -> None:
         """OBuilder's ``snapshot rm KEY`` then ``snapshot prepare KEY PARENT``: same key, new snapshot."""
@@ -99,6 +108,7 @@ class FakeContainerd:
                 else:
                     del self.parents[key]
                     self.created.pop(key, None)
+                    self.uncollected.add(key)
                     out[key] = Result(Outcome.REMOVED)
                     continue
                 pending = pending[n + 1 :]
