@@ -54,11 +54,15 @@ demo: system-deps setup
 	$(BIN)/python examples/demo.py
 
 # Each benchmark prints its rows against a baseline run in the same process (a target missed is
-# printed, not fatal): removal against the floor, the planner at scale, store reads and start-up.
+# printed, not fatal): removal against the floor on two clocks at 800 and 2,000 orphans, the
+# planner at scale, store reads and start-up, and the daemon's CPU beside a busy worker on a
+# 5,000-result store against the same on an empty one (BENCH_BUSY_SECONDS each; 5 minutes).
+BENCH_BUSY_SECONDS ?= 300
 bench: system-deps setup
-	-$(BIN)/python bench/removal_bench.py
+	-$(BIN)/python bench/removal_bench.py --orphans 800 2000
 	-$(BIN)/python bench/planner_scale.py
 	-$(BIN)/python bench/store_scale.py
+	-$(BIN)/python bench/daemon_bench.py --idle 10 --changes 5 --busy $(BENCH_BUSY_SECONDS)
 
 bench-daemon: setup
 	$(BIN)/python bench/daemon_bench.py
