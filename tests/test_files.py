@@ -433,3 +433,23 @@ def test_the_status_file_gives_up_after_the_backoff_and_leaves_no_sibling(tmp_pa
         write_status(path, report)
     assert len(ntfs.refused) == len(platform.SHARING_BACKOFF) + 1
     assert [p.name for p in path.parent.iterdir()] == ["status.json"]
+
+
+def test_the_store_reads_layerinfo_files_shared(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A plain open() on Windows would make OBuilder's rename of result-tmp/ID to result/ID fail
+    # while we read: every layerinfo read goes through the seam's shared open.
+    from controller.adapters.store import read_layerinfo
+    from tests.support.world import layerinfo_text
+
+    path = tmp_path / "layerinfo"
+    path.write_text(layerinfo_text("obuilder-x", "C:\\s\\1", []))
+    opened: list[str] = []
+    real = platform.open_shared
+
+    def recording(p: str | os.PathLike[str]) -> Any:
+        opened.append(os.fspath(p))
+        return real(p)
+
+    monkeypatch.setattr(platform, "open_shared", recording)
+    assert read_layerinfo(path).snapshot_key == "obuilder-x"
+    assert opened == [str(path)]

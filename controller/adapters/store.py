@@ -32,7 +32,7 @@ def read_layerinfo(path: str | os.PathLike[str]) -> LayerInfo:
     """
     shown = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with platform.open_shared(path) as f:  # FILE_SHARE_DELETE on Windows: OBuilder may rename it meanwhile
             data = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise LayerinfoError(shown, 1, 1, f"cannot read: {e.strerror or e}") from e
