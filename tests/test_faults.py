@@ -579,3 +579,19 @@ def test_a_ctr_that_is_not_ctr_is_refused_once_with_the_documented_code(
         "a ctr that is not ctr (/bin/true, /bin/echo)",
         f"--once exits {run.code} 'is not ctr'; the daemon tried {len(failed)} times in 8 s, backing off; {held}",
     )
+
+
+def test_a_snapshot_key_with_a_newline_fails_the_look_clearly_and_touches_nothing(
+    world: World, containerd: PrivateContainerd, namespace: str, fault: Fault
+) -> None:
+    # A newline in a key breaks ctr's table for every row: nothing in it can be trusted.
+    _, orphans = leak(world)
+    world.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "prepare", "--", "obuilder-a\nb", world.image_layer)
+    holdings = Holdings.take(containerd, namespace)
+    run = reconcile_on(containerd, namespace, world.root, "--once")
+    no_traceback(run)
+    assert run.code == 1 and "does not fit the table" in run.stderr, run.stderr
+    held = holdings.held()
+    world.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", "--", "obuilder-a\nb")
+    converges(containerd, namespace, world.root, gone=orphans)
+    fault("ctr output that does not fit its table (a key with a newline)", f"exit 1, nothing touched; {held}")

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.adapters.store import FsStore, check_store, observe_store, read_db, read_layerinfo
+from controller.adapters.store import FsStore, ReadCache, check_store, observe_store, read_db, read_layerinfo
 from controller.model.errors import LayerinfoError, StoreSanityError
 from tests.support.world import create_store, layerinfo_text
 
@@ -370,3 +370,20 @@ def test_one_entry_that_cannot_be_read_fails_that_entry_not_the_read(
     by_id = {e.id: e for e in state.results}
     assert by_id["a"].layerinfo is not None and by_id["c"].layerinfo is not None
     assert by_id["broken"].layerinfo_error == f"{root / 'result' / 'broken'}: cannot read: Input/output error"
+
+
+def test_a_50_mb_layerinfo_costs_a_read_of_one_mebibyte_not_fifty(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    (root / "result" / "big").mkdir()
+    (root / "result" / "big" / "layerinfo").write_bytes(b"(" + b"a" * (50 * 1024 * 1024) + b")")
+
+    def read_bytes() -> int:
+        # What this process read through read(2), as Linux counts it.
+        line = next(x for x in Path("/proc/self/io").read_text().splitlines() if x.startswith("rchar:"))
+        return int(line.split()[1])
+
+    before = read_bytes()
+    state = observe_store(root, cache=ReadCache())
+    read = read_bytes() - before
+    assert state.results[0].layerinfo_error is not None and "larger than 1024 KiB" in state.results[0].layerinfo_error
+    assert read < 2 * 1024 * 1024, f"read {read:,} bytes for one oversized layerinfo"

@@ -159,8 +159,7 @@ class Ctr:
     # -- observing -----------------------------------------------------------------
 
     def snapshots(self) -> tuple[Snapshot, ...]:
-        rows = parse_table(self.output(["snapshots", "--snapshotter", self.settings.snapshotter, "ls"]))
-        return tuple(Snapshot(key=r["KEY"], parent=r.get("PARENT") or None, kind=r.get("KIND", "")) for r in rows)
+        return parse_snapshots(self.output(["snapshots", "--snapshotter", self.settings.snapshotter, "ls"]))
 
     def container_ids(self) -> tuple[str, ...]:
         out = self.output(["containers", "ls", "--quiet"])
@@ -262,22 +261,6 @@ class Ctr:
             return Result(Outcome.FAILED, f"leases rm --sync: {_last_error(done.stderr)}")
         return Result(Outcome.REMOVED)
 
-    def collect_garbage(self) -> Result:
-        """Run containerd's garbage collection now and wait for it to finish.
-
-        ctr has no GC command, but deleting a lease with ``--sync`` makes containerd collect
-        at once and answer only when the collection (layer folders included) is done. The
-        lease is ours and empty; should its removal fail, it expires by itself in a minute.
-        """
-        lease = f"obuilder-reconcile-gc-{os.getpid()}-{time.monotonic_ns()}"
-        made = self.run(["leases", "create", "--id", lease, "--expires", "1m"])
-        if made.returncode != 0:
-            return Result(Outcome.FAILED, f"leases create: {_last_error(made.stderr)}")
-        done = self.run(["leases", "rm", "--sync", "--", lease])
-        if done.returncode != 0:
-            return Result(Outcome.FAILED, f"leases rm --sync: {_last_error(done.stderr)}")
-        return Result(Outcome.REMOVED)
-
     def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]:
         """``tasks delete --force``: kills a running task, then deletes it."""
         return self._remove_each(["tasks", "delete", "--force"], ids, _TASK_FAILURE)
@@ -325,11 +308,45 @@ def parse_table(text: str) -> list[dict[str, str]]:
     return rows
 
 
+#: The kinds ``ctr snapshots ls`` prints (containerd's snapshots.Kind).
+SNAPSHOT_KINDS = frozenset({"View", "Active", "Committed", "Unknown"})
+
+
+def parse_snapshots(text: str) -> tuple[Snapshot, ...]:
+    """``ctr snapshots ls`` as records. A row that does not fit the table (no KIND ctr prints: a key
+    holding a newline splits its row in two) is a :class:`CtrError` naming it: the listing cannot be
+    trusted, and a misread one would hide a child from its parent."""
+    rows = parse_table(text)
+    if rows and not {"KEY", "PARENT", "KIND"} <= rows[0].keys():
+        raise CtrError(["ctr", "snapshots", "ls"], 0, f"unexpected header: {text.splitlines()[0][:200]!r}")
+    out = []
+    for n, r in enumerate(rows, start=2):
+        if r["KIND"] not in SNAPSHOT_KINDS or not r["KEY"]:
+            raise CtrError(
+                ["ctr", "snapshots", "ls"],
+                0,
+                f"line {n} does not fit the table (a key holding a newline or a tab?), so the listing "
+                f"cannot be trusted: {r!r:.200}",
+            )
+        out.append(Snapshot(key=r["KEY"], parent=r["PARENT"] or None, kind=r["KIND"]))
+    return tuple(out)
+
+
+def _aware(text: object) -> datetime:
+    """An RFC 3339 time as ctr prints it; one without a zone is not what ctr prints."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected a time, found {type(text).__name__}")
+    when = datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError(f"time {text!r} has no zone")
+    return when
+
+
 def parse_snapshot_created(text: str, key: str) -> datetime:
     """The ``Created`` of ``ctr snapshots info`` JSON (RFC 3339, nanoseconds cut to micro)."""
     try:
         data = json.loads(text)
-        return datetime.fromisoformat(data["Created"])
+        return _aware(data["Created"])
     except (ValueError, KeyError, TypeError) as e:
         raise CtrError(["ctr", "snapshots", "info", key], 0, f"unexpected output ({e}): {text[:200]!r}") from e
 
@@ -352,7 +369,7 @@ def parse_container_info(text: str) -> Container:
             snapshotter=data.get("Snapshotter") or "",
             root_path=root.get("path") or "",
             layer_folders=tuple(windows.get("layerFolders") or ()),
-            created_at=datetime.fromisoformat(created) if created else None,
+            created_at=_aware(created) if created else None,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         # pydantic's ValidationError is a ValueError.
