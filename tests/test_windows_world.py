@@ -149,6 +149,7 @@ def test_once_on_a_windows_worker_removes_the_leaks_keeps_what_the_store_needs_a
     run = windows.once()
     assert run.code == 0, run.stdout + run.stderr
     assert "converged" in run.stdout
+    assert f"protected base image {windows.fixture['refs']['protected']}" in run.stdout
     assert windows.snapshot_keys() == expect["snapshots"]
     assert windows.container_ids() == expect["containers"]
     assert sorted(windows.state()["tasks"]) == expect["tasks"]
@@ -370,7 +371,10 @@ def test_the_daemon_converges_on_the_windows_world_beside_a_live_build_and_stops
     created = datetime.now(UTC)
     state["epoch"] = created.isoformat()
     save(worker.world, state)
-    t1 = worker.fixture["store"]["tmp"][0]["id"]
+    # The stopped leak's shim cannot reach its compute system twice (an HCS error), then can.
+    hcs = f"hcs::System::Terminate obuilder-run-102: {HCS_GONE}"
+    worker.change(failures=[{"command": "tasks delete", "object": "obuilder-run-102", "error": hcs, "times": 2}])
+    t1, never_started = (entry["id"] for entry in worker.fixture["store"]["tmp"])
     keep = {*worker.fixture["expect"]["snapshots"], f"obuilder-{t1}"}
     daemon = Daemon(worker, tmp_path / "daemon.log")
     try:
@@ -386,8 +390,10 @@ def test_the_daemon_converges_on_the_windows_world_beside_a_live_build_and_stops
         assert set(worker.snapshot_keys()) == keep, daemon.text()[-4000:]
         assert worker.container_ids() == ["moby-build-7", "obuilder-run-101"], daemon.text()[-4000:]
         assert worker.state()["tasks"]["obuilder-run-101"]["status"] == "RUNNING"
-        # The live build's entry stays; the one that never started is stale only after staleAfter (1 h).
+        # The live build's entry stays (its container runs on it, whatever its age); the one
+        # that never started, unchanged for 2 h, is past staleAfter (1 h).
         assert (worker.store / "result-tmp" / t1).is_dir()
+        assert not (worker.store / "result-tmp" / never_started).exists()
         calls = worker.calls()
         order = [_first_removal_of(calls, k) for k in worker.fixture["expect"]["leaves_first"]]
         assert order == sorted(order)
@@ -406,6 +412,7 @@ def test_the_daemon_converges_on_the_windows_world_beside_a_live_build_and_stops
     assert code == 0, log[-4000:]
     assert "Traceback" not in log, log[-4000:]
     assert re.search(r"stopped after \d+ passes", log), log[-4000:]
+    assert HCS_GONE in log, "the HCS failure was not reported"
     passes = len(re.findall(r"pass \d+ ", log))
     assert passes >= 3
     measure(f"windows world, daemon (grace {GRACE:g} s, interval 1 s): converged in {converged:.1f} s, {passes} passes")
@@ -464,6 +471,10 @@ def test_the_fake_prints_what_the_real_ctr_prints_for_the_same_objects(
     same("tasks", "delete", "--force", "--", "obuilder-run-missing", "obuilder-run-2")
     same("containers", "rm", "--keep-snapshot", "--", "obuilder-run-missing", "obuilder-run-2")
     same("containers", "ls", "--quiet")
+    same("leases", "rm", "--sync", "--", "obuilder-reconcile-missing")
+    same("leases", "create", "--id", "obuilder-reconcile-gc", "--expires", "1m")
+    same("leases", "create", "--id", "obuilder-reconcile-gc", "--expires", "1m")
+    same("leases", "rm", "--sync", "--", "obuilder-reconcile-gc")
     # JSON: ctr's indent and field order; times and the platform's spec aside.
     real, mine = both(*snapshots, "info", "--", "obuilder-child")
     assert mine.stdout == real.stdout

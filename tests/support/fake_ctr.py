@@ -18,8 +18,10 @@ What is copied from containerd's and ctr's source (v2.1, ``cmd/ctr/commands/...`
   ``snapshots rm`` stops at its first failure (``failed to remove "K": ...``), while
   ``containers rm`` and ``tasks delete`` log each failure as a logrus text line and go on;
   whatever fails, the last stderr line is ``ctr: FIRST ERROR`` and the exit code 1;
-* ``snapshots rm`` is metadata only (containerd's GC deletes the folder later); a parent
-  with a child is refused whether or not the child is listed.
+* ``snapshots rm`` is metadata only: the folder waits in ``garbage`` for containerd's GC,
+  which ``leases rm --sync`` runs (then ``collected``, or ``leftover_folders`` as ``rm-ID``
+  when a ``gc`` failure is injected for it); a parent with a child is refused whether or
+  not the child is listed.
 
 What is Windows-shaped: the named pipe address, ``io.containerd.runhcs.v1``, layer folders
 ``C:\\ProgramData\\containerd\\root\\io.containerd.snapshotter.v1.windows\\snapshots\\N``
@@ -94,6 +96,10 @@ def new_world(
         "latency": 0.0,
         "latency_by_command": {},
         "down": False,
+        "leases": {},
+        "garbage": [],
+        "collected": [],
+        "leftover_folders": [],
         "calls": [],
         "unsupported": [],
     }
@@ -356,7 +362,7 @@ class Call:
                 raise CtrFailure(f"failed to remove {go_quote(key)}: {error}")
             removed = snaps.pop(key)
             # Metadata only: the folder waits for containerd's garbage collection.
-            self.world.setdefault("collected", []).append(folder(removed["folder"]))
+            self.world["garbage"].append(folder(removed["folder"]))
 
     # -- containers and tasks --
 
@@ -412,6 +418,9 @@ class Call:
                 status = str(task.get("status", "RUNNING")).lower()
                 if status not in ("stopped", "created"):
                     error = f"cannot delete a non stopped container: {{{status} 0 0001-01-01 00:00:00 +0000 UTC}}"
+                else:
+                    # ctr deletes a stopped task first: the same shim call, the same failures.
+                    error = self.injected("tasks delete", cid)
             if error is not None:
                 first = first or error
                 self.stderr.append(logrus_error(f"failed to delete container {go_quote(cid)}", error))
@@ -420,6 +429,34 @@ class Call:
             del self.world["containers"][cid]
         if first is not None:
             raise CtrFailure(first)
+
+    # -- leases and garbage collection --
+
+    def leases_create(self, lease: str, expires: str) -> None:
+        if lease in self.world["leases"]:
+            raise CtrFailure(f"lease {go_quote(lease)}: already exists")
+        self.world["leases"][lease] = {"expires": expires}
+        self.stdout.append(f"{lease}\n")
+
+    def leases_rm(self, leases: Sequence[str], sync: bool) -> None:
+        for lease in leases:
+            if self.world["leases"].pop(lease, None) is None:
+                raise CtrFailure(f"lease {go_quote(lease)}: not found")
+            self.stdout.append(f"{lease}\n")
+        if sync:
+            self.collect()
+
+    def collect(self) -> None:
+        """containerd's GC: the folders of removed snapshots leave the disk, except one the
+        world says is held (``failures`` on command ``gc``): the windows snapshotter renamed
+        it ``rm-ID`` and only logged that it could not delete it, so it stays, forever."""
+        for path in self.world["garbage"]:
+            if self.injected("gc", path):
+                head, _, n = path.rpartition("\\")
+                self.world["leftover_folders"].append(f"{head}\\rm-{n}")
+            else:
+                self.world["collected"].append(path)
+        self.world["garbage"] = []
 
     def version(self) -> None:
         self.stdout.append(
@@ -436,8 +473,10 @@ _GLOBAL_VALUE_FLAGS = {
     "--connect-timeout": "connect-timeout", "--timeout": "timeout",
 }  # fmt: skip
 _COMMANDS = {"snapshots": "snapshots", "snapshot": "snapshots", "containers": "containers", "container": "containers",
-             "c": "containers", "tasks": "tasks", "task": "tasks", "t": "tasks", "version": "version"}  # fmt: skip
+             "c": "containers", "tasks": "tasks", "task": "tasks", "t": "tasks", "version": "version",
+             "leases": "leases"}  # fmt: skip
 _VERBS = {"ls": "ls", "list": "ls", "rm": "rm", "delete": "rm", "del": "rm", "remove": "rm", "info": "info",
+          "create": "create",
           "usage": "usage"}  # fmt: skip
 
 
@@ -470,6 +509,10 @@ def parse(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     args = list(argv)
     while args and args[0].startswith("-"):
         name, eq, value = args[0].partition("=")
+        if name in ("--version", "-v"):
+            options["version"] = "true"
+            args = args[1:]
+            continue
         if name not in _GLOBAL_VALUE_FLAGS:
             raise CtrFailure(f"flag provided but not defined: {name}")
         if not eq:
@@ -528,6 +571,14 @@ def dispatch(call: Call, args: list[str]) -> None:
             call.containers_rm(names)
         case ("tasks", "ls"):
             call.tasks_ls()
+        case ("leases", "create"):
+            flags, labels = _flags(rest, {"--id": True, "--expires": True, "-x": True})
+            if labels or "--id" not in flags:
+                raise Unsupported(" ".join(args))
+            call.leases_create(flags["--id"], flags.get("--expires", flags.get("-x", "24h")))
+        case ("leases", "rm"):
+            flags, names = _flags(rest, {"--sync": False})
+            call.leases_rm(names, sync="--sync" in flags)
         case ("tasks", "rm"):
             flags, names = _flags(rest, {"--force": False, "-f": False})
             call.tasks_delete(names, force=bool(flags))
@@ -556,6 +607,10 @@ def main(argv: Sequence[str]) -> int:
     except CtrFailure as e:
         sys.stderr.write(f"ctr: {e}\n")
         return 1
+    if "version" in options:
+        # urfave/cli's version flag, as ctr's app sets its printer: name, package, version.
+        sys.stdout.write(f"ctr github.com/containerd/containerd/v2 {VERSION}\n")
+        return 0
     # The call's time passes outside the lock: containerd serves parallel clients at once.
     # (The world is replaced whole, never written in place, so reading it unlocked is safe.)
     before = load(path)
