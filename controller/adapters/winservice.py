@@ -14,11 +14,16 @@ pass must keep it down.
 
 pywin32's ``ServiceFramework.SvcRun`` reports running before any work, and its status
 calls accept no control while start-pending; both are replaced: a stop during the boot
-pass is honoured after the action under way, like any other.
+pass is honoured after the action under way, like any other. And pywin32's host reports
+"stopped, exit 0" itself once ``SvcRun`` returns (``service_main`` in PythonService.cpp),
+which would overwrite a failure we reported: after a failure the process ends at once, with
+our code, so the failure (and the recovery actions it triggers) stands.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -55,8 +60,20 @@ def service_status(status: Status, win32service: Any) -> tuple[int, int, int, in
     )
 
 
-def host(name: str, make: Callable[[ServiceManager], ReconcileService]) -> int:
-    """Run as the service ``name`` under the service control manager; returns its exit code."""
+def end_process(code: int) -> None:
+    logging.shutdown()  # the log file has the reason before the process goes
+    os._exit(code)
+
+
+def host(
+    name: str,
+    make: Callable[[ServiceManager], ReconcileService],
+    *,
+    exit_process: Callable[[int], object] | None = None,
+) -> int:
+    """Run as the service ``name`` under the service control manager; returns its exit code
+    (after a failure the process ends in ``exit_process`` instead: see the module's note)."""
+    end = exit_process or end_process
     import pywintypes  # type: ignore[import-untyped,import-not-found,unused-ignore]
     import servicemanager  # type: ignore[import-untyped,import-not-found,unused-ignore]
     import win32service  # type: ignore[import-untyped,import-not-found,unused-ignore]
@@ -97,6 +114,8 @@ def host(name: str, make: Callable[[ServiceManager], ReconcileService]) -> int:
 
         def SvcRun(self) -> None:
             exit_code[0] = int(self.service.run())
+            if exit_code[0] != 0:
+                end(exit_code[0])
 
     servicemanager.Initialize(name, None)
     servicemanager.PrepareToHostSingle(Service)
