@@ -436,6 +436,7 @@ def test_the_fake_prints_what_the_real_ctr_prints_for_the_same_objects(
     rows = [line.split() for line in containerd.ctr("tasks", "ls", namespace=namespace).stdout.splitlines()[1:]]
     real_tasks = {task: {"pid": int(pid), "status": status} for task, pid, status in rows}
     fake = new_world(address=containerd.address, namespace=namespace, snapshotter=SNAPSHOTTER)
+    fake["version"] = containerd.version
     for n, (key, key_parent) in enumerate(containerd.snapshot_parents(namespace).items()):
         info = json.loads(
             containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "info", key, namespace=namespace).stdout
