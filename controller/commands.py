@@ -63,19 +63,32 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
     return resolve(overrides, args.policy, env)
 
 
+_installed: tuple[tuple[str, str | None], logging.Handler] | None = None
+
+
 def start_logging(args: argparse.Namespace) -> None:
+    """Log as the flags say. Asked again with the same flags while our handler is in place, it
+    changes nothing: a second handler on the log file would hold it open twice, which on Windows
+    stops its rotation."""
+    global _installed
+    wanted = (args.log_format, getattr(args, "log_file", None))
+    root = logging.getLogger()
+    if _installed is not None:
+        if _installed[0] == wanted and _installed[1] in root.handlers:
+            return
+        _installed[1].close()
     configure_logging(args.log_format)
-    if getattr(args, "log_file", None):
+    if wanted[1]:
         from logging.handlers import RotatingFileHandler
 
         # UTF-8 whatever the console's code page; rotated so a daemon that runs for months
         # does not fill the disk it is there to keep free.
-        root = logging.getLogger()
-        path = Path(args.log_file)
+        path = Path(wanted[1])
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = RotatingFileHandler(path, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8")
         handler.setFormatter(root.handlers[0].formatter)
         root.handlers[:] = [handler]
+    _installed = (wanted, root.handlers[0])
 
 
 def check_store_ready(root: Path) -> None:

@@ -4,6 +4,7 @@ pywin32 modules, and a console stop that reaches us but not the ctr call under w
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -341,6 +342,9 @@ def test_a_console_ctrl_c_stops_us_but_not_the_ctr_call_under_way(
     base = world.base("b:1")
     chain = world.orphan_chain(base, "c", 3)
     argv = [sys.executable, "-m", "controller", *command, *service_argv(world, containerd, namespace, ctr, tmp_path)]
+    log_file = tmp_path / "logs" / "reconcile.jsonl"
+    if command:
+        argv += ["--log-format", "json", "--log-file", str(log_file)]
     # Its own session: a terminal's foreground job, which a Ctrl-C signals as a whole group.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -358,7 +362,12 @@ def test_a_console_ctrl_c_stops_us_but_not_the_ctr_call_under_way(
     left = set(containerd.snapshot_keys(namespace))
     assert chain[-1] not in left and {chain[0], chain[1]} <= left
     if command:
-        assert b"service stopped" in err
+        # The service logs to its file, UTF-8 JSON lines, one a line: its states and the removal.
+        records = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines()]
+        said = [r["message"] for r in records]
+        assert any(m.startswith("service start-pending") for m in said), said
+        assert any(m.startswith("service stopped") for m in said), said
+        assert b"service" not in err, "the service logged to stderr as well as its file"
 
 
 # -- the Windows adapter, against fake pywin32 modules -----------------------------------

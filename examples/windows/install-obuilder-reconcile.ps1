@@ -55,7 +55,7 @@ $SavedDependencies = Join-Path $StateDir 'worker-dependencies.json'
 $Utf8 = New-Object System.Text.UTF8Encoding $false   # no BOM; Windows PowerShell's *>> would write UTF-16
 
 function Write-Log([string] $Level, [string] $Message, [hashtable] $Fields = @{}) {
-    $record = [ordered]@{ time = (Get-Date).ToUniversalTime().ToString('o'); level = $Level; msg = $Message }
+    $record = [ordered]@{ time = (Get-Date).ToUniversalTime().ToString('o'); level = $Level; message = $Message }
     foreach ($key in $Fields.Keys) { $record[$key] = $Fields[$key] }
     New-Item -ItemType Directory -Force -Path $LogDir | Out-Null
     [System.IO.File]::AppendAllText($InstallLog, ($record | ConvertTo-Json -Compress) + "`n", $Utf8)
