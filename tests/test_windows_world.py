@@ -10,6 +10,7 @@ texts are copied from containerd's and hcsshim's source, not captured on Windows
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -323,6 +324,28 @@ def test_once_waits_for_a_containerd_that_starts_after_it(tmp_path: Path, monkey
     asked = [argv for argv in worker.calls() if argv[-1] == "version"]
     assert len(asked) >= 2 and all("--connect-timeout" in argv for argv in asked)
     assert worker.snapshot_keys() == worker.fixture["expect"]["snapshots"]
+
+
+def test_explain_names_the_running_container_that_keeps_a_build_by_its_layer_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon semantics: the interrupted step's snapshot is kept because a running container's
+    last layer folder is that step's source, though HCS spells it in another case and with
+    forward slashes; the protected base is kept by the policy."""
+    worker = lay_out(tmp_path, "boot-after-crash.json", policy=DAEMON_POLICY)
+    monkeypatch.setenv(WORLD_ENV, str(worker.world))
+    state = worker.state()
+    live = state["containers"]["obuilder-run-101"]
+    live["layers"] = [p.lower().replace("\\", "/") for p in live["layers"]]
+    save(worker.world, state)
+    t1 = worker.fixture["store"]["tmp"][0]["id"]
+    run = reconcile(*worker.args("--explain", f"obuilder-{t1}"))
+    assert run.code == 0, run.stdout + run.stderr
+    assert "kept [rule: container]" in run.stdout and "obuilder-run-101" in run.stdout, run.stdout
+    protected = "obuilder-base-" + hashlib.sha256(worker.fixture["refs"]["protected"].encode()).hexdigest()
+    run = reconcile(*worker.args("--explain", protected + "-committed"))
+    assert "kept [rule: protected]" in run.stdout, run.stdout
+    assert worker.removals() == []
 
 
 # -- the daemon --------------------------------------------------------------------------------
