@@ -172,6 +172,7 @@ def test_once_on_a_windows_worker_removes_the_leaks_keeps_what_the_store_needs_a
     assert again.code == 0, again.stdout + again.stderr
     assert windows.removals(since=before) == []
     assert windows.snapshot_keys() == expect["snapshots"]
+    assert windows.state()["leftover_folders"] == []
 
 
 def test_dry_run_on_the_windows_world_reports_drift_and_changes_nothing(windows: WindowsWorker) -> None:
@@ -231,6 +232,7 @@ def test_what_a_stuck_container_runs_on_waits_with_it(windows: WindowsWorker) ->
     t1 = windows.fixture["store"]["tmp"][0]["id"]
     assert f"obuilder-{t1}" in windows.snapshot_keys()
     assert (windows.store / "result-tmp" / t1).is_dir()
+    assert windows.state()["leftover_folders"] == [], "a layer folder HCS holds was left to containerd's GC"
     assert set(windows.snapshot_keys()) == {*windows.fixture["expect"]["snapshots"], f"obuilder-{t1}"}
 
 

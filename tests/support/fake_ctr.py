@@ -452,11 +452,19 @@ class Call:
             self.collect()
 
     def collect(self) -> None:
-        """containerd's GC: the folders of removed snapshots leave the disk, except one the
-        world says is held (``failures`` on command ``gc``): the windows snapshotter renamed
-        it ``rm-ID`` and only logged that it could not delete it, so it stays, forever."""
+        """containerd's GC: the folders of removed snapshots leave the disk, except one that is
+        held: by a compute system still running on it (HCS keeps a running container's layers
+        open) or as the world says (``failures`` on command ``gc``). The windows snapshotter
+        renamed it ``rm-ID`` and only logged that it could not delete it, so it stays, forever."""
+        tasks = self.world["tasks"]
+        live = {cid for cid, t in tasks.items() if t.get("status", "RUNNING") in ("RUNNING", "PAUSED", "PAUSING")}
+        held = {
+            path
+            for cid in live & set(self.world["containers"])
+            for path in _container_info(self.world, cid)["Spec"]["windows"]["layerFolders"]
+        }
         for path in self.world["garbage"]:
-            if self.injected("gc", path):
+            if path in held or self.injected("gc", path):
                 head, _, n = path.rpartition("\\")
                 self.world["leftover_folders"].append(f"{head}\\rm-{n}")
             else:
