@@ -161,6 +161,8 @@ def test_status_file_survives_kill_9_mid_write(tmp_path: Path) -> None:
     numbers = set()
     for _ in range(25):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=REPO)
+        # The first writer must have written once (a loaded machine takes seconds to import it).
+        until(path.exists, timeout=60, what="the first status file")
         time.sleep(rng.uniform(0.3, 0.8))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
