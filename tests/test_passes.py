@@ -265,3 +265,22 @@ def test_at_boot_nothing_waits() -> None:
     report = run_once(fake_ports(fake, FakeStore(FakeStore.empty())), PassOptions(plan=PlanOptions(), mode=Mode.BOOT))
     assert report.first.backlogs["snapshot"] == Backlog(planned=5)
     assert report.last.backlogs["snapshot"] == Backlog()
+
+
+def test_a_snapshot_containerd_cannot_date_right_before_its_removal_stays_and_the_batch_goes() -> None:
+    class FailsOnSecondLook(FakeContainerd):
+        asked = 0
+
+        def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
+            if "obuilder-o1" in keys:
+                self.asked += 1
+                if self.asked > 1:  # the plan dated it; the last look before removal cannot
+                    raise CtrError(["ctr", "snapshots", "info", "--", "obuilder-o1"], 1, "ctr: unexpected EOF")
+            return super().snapshot_created(keys)
+
+    fake = FailsOnSecondLook(**vars(orphan_world()))
+    store = FakeStore(FakeStore.empty())
+    report = one_pass(fake_ports(fake, store), PassOptions(plan=PlanOptions(), mode=Mode.DAEMON), History(), 1)
+    assert set(fake.parents) == {"obuilder-o1"}
+    assert [s.name for s in report.stuck] == ["obuilder-o1"]
+    assert "could not look at it again right before its removal" in report.stuck[0].reason

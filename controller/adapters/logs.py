@@ -31,6 +31,11 @@ class LogReporter(Reporter):
             else:
                 log.warning("pass failed (%s); retrying in %.1f s", report.error, report.retry_in or 0)
             return
+        for s in report.unjudged:
+            # Kept because it could not be judged: said every pass, as a failed removal is.
+            log.warning(
+                "kept %s %s: %s", s.kind, s.name, s.reason, extra={"kind": s.kind, "object": s.name, "outcome": "stuck"}
+            )
         window = f", re-check window max {report.recheck_window * 1000:.0f} ms" if report.recheck_window else ""
         log.info(
             "pass %d (%s): %d removed, %d failed, %d changed since planned, %d deferred, %d waiting out their "

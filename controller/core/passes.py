@@ -97,7 +97,7 @@ def one_pass(
         ports.reporter.pass_started(number, plan)
         guard = None
         if mode is Mode.DAEMON:
-            guard = RemovalGuard(ports.containerd, ports.store.has_entry, prefix=options.plan.snapshot_prefix)
+            guard = _KeyByKeyGuard(ports.containerd, ports.store.has_entry, prefix=options.plan.snapshot_prefix)
         result = execute(
             plan,
             ports.containerd,
@@ -243,6 +243,28 @@ class _Dating:
                 raise
             except CtrError as e:
                 self.undated[key] = str(e)
+        return out
+
+
+class _KeyByKeyGuard(RemovalGuard):
+    """The last look before a batch's removal, where a key containerd cannot date at that moment
+    fails that key (not removed, reported with why), not the pass; a timeout still fails the pass."""
+
+    def check(self, plan: Plan, keys: Sequence[str]) -> dict[str, Result]:
+        try:
+            return super().check(plan, keys)
+        except CtrTimeoutError:
+            raise
+        except CtrError:
+            pass
+        out: dict[str, Result] = {}
+        for key in keys:
+            try:
+                out.update(super().check(plan, [key]))
+            except CtrTimeoutError:
+                raise
+            except CtrError as e:
+                out[key] = Result(Outcome.FAILED, f"could not look at it again right before its removal: {e}")
         return out
 
 
