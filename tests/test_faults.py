@@ -616,3 +616,33 @@ def test_names_that_are_not_utf8_are_judged_like_any_other(
     assert b"res\xff" in run.stdout  # reported as a result without a DB row
     held = holdings.held(orphans)
     fault("names that are not UTF-8", f"exit 0, interrupted ones removed, a result reported as drift; {held}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug (adapters/platform.py remove_tree, adapters/store_cleanup.py): a bind mount inside a "
+    "result-tmp/ entry (Linux's junction) is descended into and what it shows from outside the store is deleted",
+)
+def test_a_bind_mount_in_an_entry_is_never_crossed(
+    world: World, containerd: PrivateContainerd, namespace: str, outside: Path, fault: Fault
+) -> None:
+    # Linux's junction: a folder of the entry shows a folder outside the store. Removing the entry must
+    # not delete through it; the outside survives, the entry is stuck until a human unmounts it.
+    _, orphans = leak(world)
+    inner = world.root / "result-tmp" / "mounted" / "inner"
+    inner.mkdir(parents=True)
+    holdings = Holdings.take(containerd, namespace, [outside])
+    subprocess.run(["mount", "--bind", str(outside), str(inner)], check=True)
+    try:
+        run = reconcile_on(containerd, namespace, world.root, "--once")
+        no_traceback(run)
+        held = holdings.held(orphans)
+        assert run.code == 1 and "result-tmp mounted" in run.stdout, run.stdout + run.stderr
+    finally:
+        # Wherever the entry went (moved to the trash, say), the mount goes: tests leave no mount behind.
+        for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+            target = line.split()[1].replace("\\040", " ")
+            if target.startswith(str(world.root)):
+                subprocess.run(["umount", target], check=False)
+    converges(containerd, namespace, world.root)
+    fault("a bind mount inside an entry (Linux's junction)", f"exit 1, not crossed, stuck; {held}")
