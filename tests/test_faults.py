@@ -646,3 +646,24 @@ def test_a_bind_mount_in_an_entry_is_never_crossed(
                 subprocess.run(["umount", target], check=False)
     converges(containerd, namespace, world.root)
     fault("a bind mount inside an entry (Linux's junction)", f"exit 1, not crossed, stuck; {held}")
+
+
+def test_the_daemon_goes_on_reclaiming_beside_broken_layerinfo_files(
+    world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path, outside: Path, fault: Fault
+) -> None:
+    # Once, one nested layerinfo failed every daemon pass: no reclamation on that worker at all.
+    base, orphans = leak(world)
+    broken = {shape: world.step(f"broken-{n}", base) for n, shape in enumerate(("nested 100000 deep", "binary"))}
+    for n, shape in enumerate(broken):
+        layerinfo = world.root / "result" / f"broken-{n}" / "layerinfo"
+        layerinfo.unlink()
+        break_layerinfo(layerinfo, shape, outside)
+    holdings = Holdings.take(containerd, namespace, [outside])
+    _, said = _in_both_modes(
+        "daemon", world, containerd, namespace, tmp_path, FaultyCtr.make(tmp_path / "ctr"), orphans
+    )
+    assert "unreadable" in said and "lists nested deeper than 64" in said, said[-3000:]
+    assert "pass failed" not in said, said[-3000:]
+    assert {k + "-committed" for k in broken.values()} <= set(containerd.snapshot_keys(namespace))
+    held = holdings.held(orphans)
+    fault("the daemon beside broken layerinfo files", f"every pass succeeded, the leak went, their builds kept; {held}")
