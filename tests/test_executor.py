@@ -93,3 +93,47 @@ def test_an_entry_whose_removal_raises_fails_that_entry_and_the_others_still_go(
     outcomes = {r.name: (r.outcome, r.message) for r in result.results}
     assert outcomes["deep"] == (Outcome.FAILED, "unexpected error: RecursionError: maximum recursion depth exceeded")
     assert store.removed == ["result-tmp/a", "result-tmp/z", "cache-tmp/c"]
+
+
+class ContainerStays(FakeContainerd):
+    """A container whose compute system is gone (HCS): containerd cannot remove it."""
+
+    def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]:
+        out = super().remove_containers([i for i in ids if i != "obuilder-run-1"])
+        return {**out, "obuilder-run-1": Result(Outcome.FAILED, "hcsshim::System::Terminate: does not exist")}
+
+
+def test_what_a_container_that_stays_uses_waits_with_it_and_the_rest_goes() -> None:
+    fake = ContainerStays(
+        parents={"obuilder-free": None, "obuilder-used-committed": None, "obuilder-used": "obuilder-used-committed"},
+        containers={
+            "obuilder-run-1": Container(id="obuilder-run-1", snapshot_key="obuilder-used"),
+            "obuilder-run-2": Container(id="obuilder-run-2"),
+        },
+        tasks={"obuilder-run-1": TaskStatus.STOPPED},
+    )
+    store = FakeStore(StoreState(root="/s"))
+    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
+    result = execute(p, fake, store)
+    outcome = {r.name: (r.outcome, r.message) for r in result.results}
+    # Removing the layer under a live compute system would leave its folder to a collection
+    # that cannot delete it: the layer and its parent wait for the container.
+    assert set(fake.parents) == {"obuilder-used", "obuilder-used-committed"}
+    assert outcome["obuilder-used"][0] is Outcome.NOT_TRIED
+    assert "waiting for container obuilder-run-1" in outcome["obuilder-used"][1]
+    assert "waiting for container obuilder-run-1" in outcome["obuilder-used-committed"][1]
+    assert outcome["obuilder-free"][0] is Outcome.REMOVED
+    assert set(fake.containers) == {"obuilder-run-1"}
+
+
+def test_a_container_on_a_folder_no_build_names_holds_every_snapshot_while_it_stays() -> None:
+    fake = ContainerStays(
+        parents={"obuilder-a": None, "obuilder-b": None},
+        containers={"obuilder-run-1": Container(id="obuilder-run-1", layer_folders=("C:\\somewhere\\unknown",))},
+    )
+    store = FakeStore(StoreState(root="/s"))
+    p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
+    assert p.containers_first
+    result = execute(p, fake, store)
+    assert set(fake.parents) == {"obuilder-a", "obuilder-b"}
+    assert all(r.outcome is Outcome.NOT_TRIED for r in result.results if r.kind == "snapshot")

@@ -218,11 +218,6 @@ def test_an_hcs_does_not_exist_on_a_container_that_lives_on_is_stuck_not_removed
     assert set(windows.fixture["expect"]["snapshots"]) <= set(windows.snapshot_keys())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug (core/executor.py): snapshots pinned by a leftover container are removed after the "
-    "container's removal, even when that removal failed; on Windows the folder is still held by HCS",
-)
 def test_what_a_stuck_container_runs_on_waits_with_it(windows: WindowsWorker) -> None:
     """The interrupted step's snapshot and result-tmp/ entry are what the stuck container
     runs on: removing the snapshot's metadata under a live compute system leaves its folder

@@ -53,6 +53,8 @@ def execute(
     report = reporter or Reporter()
     out = PassResult()
     reasons: dict[tuple[Kind, str], str] = {}
+    #: Leftover containers still there after their removal was tried (or not tried).
+    stayed: set[str] = {c.id for c in plan.containers}
 
     def record(kind: Kind, name: str, result: Result) -> None:
         out.results.append(ActionResult(kind, name, result.outcome, result.message))
@@ -75,6 +77,8 @@ def execute(
             task = task_results.get(cid)
             if not result.outcome.done and task is not None and not task.outcome.done:
                 result = Result(result.outcome, f"{result.message} (deleting its task: {task.message})")
+            if result.outcome.done:
+                stayed.discard(cid)
             record(Kind.CONTAINER, cid, result)
 
     # Snapshots go leaves first. A parent whose child failed this pass would only fail
@@ -129,16 +133,39 @@ def execute(
 
     # 1 and 2. Leftover containers, and meanwhile every orphan level no container uses:
     #    the containers pin only what they run on (and its ancestors), which waits.
+    def wait_for_stayed_containers(levels: Sequence[Sequence[str]]) -> list[list[str]]:
+        """A container that is still there still holds what it runs on (on Windows its compute
+        system keeps the layer folders open): that, and its ancestors, wait for a later pass."""
+        unknown = [c for c in plan.runs_on_unknown if c in stayed]
+        held: dict[str, str] = {}
+        for container in sorted(stayed):
+            for key in _with_ancestors(plan.pinned_by.get(container, ()), parent_of):
+                held.setdefault(key, container)
+        out_levels = []
+        for level in levels:
+            keep = []
+            for key in level:
+                cid = unknown[0] if unknown else held.get(key)
+                if cid is None:
+                    keep.append(key)
+                    continue
+                why = "it runs on a folder no build names, so it could be this one's" if unknown else "it uses this"
+                reasons[(Kind.SNAPSHOT, key)] = plan.snapshot_reasons.get(key, "")
+                record(Kind.SNAPSHOT, key, Result(Outcome.NOT_TRIED, f"waiting for container {cid} to go: {why}"))
+                failed.add(key)
+            out_levels.append(keep)
+        return out_levels
+
     if plan.containers and plan.containers_first:
         remove_containers()
-        remove_levels(plan.snapshot_levels)
+        remove_levels(wait_for_stayed_containers(plan.snapshot_levels))
     elif plan.containers:
         pinned = _with_ancestors(plan.pinned, parent_of)
         with ThreadPoolExecutor(max_workers=1) as pool:
             containers_done = pool.submit(remove_containers)
             remove_levels([[k for k in level if k not in pinned] for level in plan.snapshot_levels])
             containers_done.result()
-        remove_levels([[k for k in level if k in pinned] for level in plan.snapshot_levels])
+        remove_levels(wait_for_stayed_containers([[k for k in level if k in pinned] for level in plan.snapshot_levels]))
     else:
         remove_levels(plan.snapshot_levels)
     if should_stop():

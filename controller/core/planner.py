@@ -298,7 +298,7 @@ def _plan(observation: Observation, options: PlanOptions, now: datetime, mode: M
             Decision(kind=Kind.CACHE_TMP, name=n, keep=False, rule=Rule.LEFTOVER, reason=why)
             for n in sorted(store.cache_tmp)
         ]
-    pinned, containers_first = _pinned_by_leftover_containers(w)
+    pinned_by, runs_on_unknown = _pinned_by_leftover_containers(w, orphans)
     created_of = {s.key: s.created for s in cd.snapshots if s.created is not None} if mode is Mode.DAEMON else {}
     # Built without validation: every value comes from the records above, and a week-old store
     # gives maps of tens of thousands of keys that validation would copy for nothing.
@@ -310,8 +310,8 @@ def _plan(observation: Observation, options: PlanOptions, now: datetime, mode: M
         snapshot_parents={k: parent_of[k] for level in levels for k in level},
         snapshot_created={k: c for k in removal_reason if (c := created_of.get(k)) is not None},
         unaged=tuple(unaged),
-        pinned=tuple(sorted(pinned & orphans)),
-        containers_first=containers_first,
+        pinned_by=pinned_by,
+        runs_on_unknown=runs_on_unknown,
         tmp_entries=tuple(tmp_removals),
         cache_tmp=cache_tmp,
         deferred=deferred,
@@ -382,18 +382,24 @@ def _judge_tmp_entries(w: _World) -> tuple[list[TmpRemoval], dict[str, StoreEntr
     return removals, key_to_tmp
 
 
-def _pinned_by_leftover_containers(w: _World) -> tuple[set[str], bool]:
-    """What leftover containers use waits for them to go (Windows holds a running container's
-    layers open); every other orphan may go while they are removed. A folder no build names
-    could be any orphan's: then nothing goes until the containers have."""
-    pinned = {c.snapshot_key for c in w.leftover_containers if c.snapshot_key}
-    containers_first = False
+def _pinned_by_leftover_containers(
+    w: _World, orphans: set[str]
+) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    """What each leftover container uses waits for it to go (Windows holds a running
+    container's layers open); every other orphan may go while they are removed. A folder no
+    build names could be any orphan's: then nothing goes until the containers have."""
+    pinned_by: dict[str, tuple[str, ...]] = {}
+    unknown: list[str] = []
     for c in w.leftover_containers:
         builds = _builds_run_on(c, w.folder_owner)
+        keys = {c.snapshot_key} if c.snapshot_key else set()
         for _, user in builds:
-            pinned.update(_active_and_committed(user))
-        containers_first |= len(builds) < len(_run_folders(c))
-    return pinned, containers_first
+            keys.update(_active_and_committed(user))
+        if keys & orphans:
+            pinned_by[c.id] = tuple(sorted(keys & orphans))
+        if len(builds) < len(_run_folders(c)):
+            unknown.append(c.id)
+    return pinned_by, tuple(unknown)
 
 
 def _unreadable(e: StoreEntry) -> Decision:

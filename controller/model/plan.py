@@ -131,12 +131,13 @@ class Plan(Record):
     #: Daemon: owned snapshots no rule but grace keeps whose age was not read: the pass
     #: reads their Created (only theirs) and plans again.
     unaged: tuple[str, ...] = Field(default=(), repr=False)
-    #: Orphans a leftover container uses: they (and their ancestors) go only after the
-    #: containers; every other level is removed while the containers are.
-    pinned: tuple[str, ...] = ()
-    #: A leftover container runs on a folder no build names: it could be any orphan's,
-    #: so every snapshot waits for the containers.
-    containers_first: bool = False
+    #: The orphans each leftover container uses: they (and their ancestors) go only once
+    #: that container has gone (Windows holds a container's layers while its compute
+    #: system lives); every other level is removed while the containers are.
+    pinned_by: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    #: Leftover containers that run on a folder no build names: it could be any orphan's,
+    #: so every snapshot waits for them, and stays while one of them does.
+    runs_on_unknown: tuple[str, ...] = ()
     tmp_entries: tuple[TmpRemoval, ...] = ()
     cache_tmp: tuple[CacheTmpRemoval, ...] = ()
     #: Orphans left for a later pass by ``maxDeletionsPerPass``.
@@ -152,6 +153,16 @@ class Plan(Record):
     #: Daemon: the soonest an object kept only for now (grace, staleAfter) may go;
     #: the loop comes back then rather than a whole interval later.
     requeue_after: timedelta | None = None
+
+    @property
+    def pinned(self) -> tuple[str, ...]:
+        """Every orphan some leftover container uses."""
+        return tuple(sorted({k for keys in self.pinned_by.values() for k in keys}))
+
+    @property
+    def containers_first(self) -> bool:
+        """Every snapshot waits for the containers (one runs on a folder no build names)."""
+        return bool(self.runs_on_unknown)
 
     @property
     def snapshots(self) -> tuple[str, ...]:
