@@ -618,11 +618,6 @@ def test_names_that_are_not_utf8_are_judged_like_any_other(
     fault("names that are not UTF-8", f"exit 0, interrupted ones removed, a result reported as drift; {held}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug (adapters/platform.py remove_tree, adapters/store_cleanup.py): a bind mount inside a "
-    "result-tmp/ entry (Linux's junction) is descended into and what it shows from outside the store is deleted",
-)
 def test_a_bind_mount_in_an_entry_is_never_crossed(
     world: World, containerd: PrivateContainerd, namespace: str, outside: Path, fault: Fault
 ) -> None:

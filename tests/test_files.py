@@ -453,3 +453,27 @@ def test_the_store_reads_layerinfo_files_shared(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(platform, "open_shared", recording)
     assert read_layerinfo(path).snapshot_key == "obuilder-x"
     assert opened == [str(path)]
+
+
+def test_remove_tree_never_enters_a_mounted_folder(tmp_path: Path) -> None:
+    # A bind mount of the same file system has the same device: only the kernel's table
+    # (octal-escaped, hence the blank in the name) says it shows a folder from elsewhere.
+    import subprocess
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me")
+    entry = tmp_path / "trash" / "entry"
+    inner = entry / "a mount"
+    inner.mkdir(parents=True)
+    (entry / "plain").write_text("goes")
+    subprocess.run(["mount", "--bind", str(outside), str(inner)], check=True)
+    try:
+        assert platform.mounts_inside(str(entry)) == [str(inner)]
+        with pytest.raises(OSError) as raised:
+            platform.remove_tree(str(entry))
+        assert raised.value.errno == errno.EBUSY and "not crossed" in str(raised.value)
+        assert (outside / "precious").read_text() == "keep me"
+        assert not (entry / "plain").exists()
+    finally:
+        subprocess.run(["umount", str(inner)], check=False)

@@ -7,6 +7,7 @@ run) lives here, so the rest of the package never asks which one it is on.
 
 from __future__ import annotations
 
+import errno
 import ntpath
 import os
 import signal
@@ -340,6 +341,46 @@ def _remove_one(ops: FileOps, path: str, kind: EntryKind, top: str, sleep: Calla
             return
 
 
+def mount_points() -> frozenset[str] | None:
+    """Where file systems are mounted (Linux: every bind mount too, from /proc/self/mountinfo).
+
+    A bind mount of a folder of the same file system looks like a plain folder to stat
+    (same device), so only the kernel's table tells it apart. On Windows a mounted folder
+    is a reparse point, which :func:`is_link` already refuses to follow: nothing to add.
+    None where the system keeps no such table (then a change of device is all we can see)."""
+    if IS_WINDOWS:
+        return frozenset()
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    # Field 5 is the mount point, with blanks, tabs, newlines and backslashes as octal escapes.
+    return frozenset(_unescape_octal(line.split(" ")[4]) for line in lines if line.count(" ") >= 5)
+
+
+def mounts_inside(path: str) -> list[str] | None:
+    """File systems mounted at or below ``path``, shallowest first; None where unknown."""
+    table = mount_points()
+    if table is None:
+        return None
+    real = os.path.realpath(path)
+    inside = real.rstrip(os.sep) + os.sep
+    return sorted((m for m in table if m == real or m.startswith(inside)), key=len)
+
+
+def _unescape_octal(field: str) -> str:
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
 def remove_tree(path: str, *, ops: FileOps | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
     """Delete a file, link or directory tree; links inside are removed as links, never followed.
 
@@ -357,6 +398,17 @@ def remove_tree(path: str, *, ops: FileOps | None = None, sleep: Callable[[float
         return
     first: OSError | None = None
     kept: set[str] = set()  # folders that keep a child that could not go
+    # A mounted folder inside shows what lies elsewhere (outside the store, perhaps): it is
+    # never entered, and it and the folders above it stay for a human to unmount.
+    real_top = os.path.realpath(path)
+    table = mounts_inside(path)
+    mounted = None if table is None else set(table)
+
+    def is_mounted(folder: str) -> bool:
+        if mounted is None:
+            return os.path.ismount(folder)
+        real = os.path.join(real_top, os.path.relpath(folder, top)) if folder != top else real_top
+        return bool(mounted) and os.path.normpath(real) in mounted
 
     def attempt(target: str, kind: EntryKind) -> None:
         nonlocal first
@@ -376,6 +428,15 @@ def remove_tree(path: str, *, ops: FileOps | None = None, sleep: Callable[[float
         if listed:
             if folder not in kept:
                 attempt(folder, "dir")
+            continue
+        if is_mounted(folder):
+            refused = OSError(errno.EBUSY, "a file system is mounted here; not crossed: unmount it", folder)
+            first = first or refused
+            parent = os.path.dirname(folder)
+            kept.add(folder)
+            while parent.startswith(top) and parent not in kept:
+                kept.add(parent)
+                parent = os.path.dirname(parent)
             continue
         stack.append((folder, True))
         try:

@@ -87,6 +87,10 @@ class StoreCleaner:
                 st = self.ops.lstat(platform.long_path(str(path)))
             except FileNotFoundError:
                 return Result(Outcome.NOT_FOUND)
+            mounted = platform.mounts_inside(str(path))
+            if mounted:
+                # What is mounted there lies elsewhere, perhaps outside the store: never entered.
+                return Result(Outcome.FAILED, f"a file system is mounted at {mounted[0]} inside it; unmount it")
             if self._trash_tried_at is None or self.clock() - self._trash_tried_at >= self.trash_retry:
                 self.empty_trash()
             trash = None if platform.is_link(st) else self._safe_trash(create=True)
