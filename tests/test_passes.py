@@ -184,7 +184,9 @@ class UninspectableContainerd(FakeContainerd):
 
     def observe(self) -> ContainerdState:
         state = super().observe()
-        return state.model_copy(update={"foreign_containers": tuple(self.uninspectable)})
+        return state.model_copy(
+            update={"foreign_containers": tuple(self.uninspectable), "uninspectable": dict(self.uninspectable)}
+        )
 
 
 @pytest.mark.parametrize("mode", [Mode.BOOT, Mode.DAEMON])

@@ -25,8 +25,6 @@ class CtrContainerd:
         self.container_prefix = container_prefix
         #: `containers info` calls at once: the degree removals use too.
         self.parallel = max(1, ctr.settings.parallelism)
-        #: Owned containers the last look could not inspect, with why (see ``observe``).
-        self.uninspectable: dict[str, str] = {}
 
     @property
     def calls(self) -> int:
@@ -45,14 +43,13 @@ class CtrContainerd:
             snapshots, tasks = snapshots_job.result(), tasks_job.result()
         # One container ctr cannot describe fails that container, not the look: we cannot
         # judge it, so it is listed as one we never touch, and the pass keeps what it may use.
-        self.uninspectable = {i: d for i, d in zip(owned, details, strict=True) if isinstance(d, str)}
+        uninspectable = {i: d for i, d in zip(owned, details, strict=True) if isinstance(d, str)}
         return ContainerdState(
             snapshots=snapshots,
             containers=tuple(d for d in details if isinstance(d, Container)),
-            foreign_containers=tuple(
-                i for i in ids if not i.startswith(self.container_prefix) or i in self.uninspectable
-            ),
+            foreign_containers=tuple(i for i in ids if not i.startswith(self.container_prefix) or i in uninspectable),
             tasks=tasks,
+            uninspectable=uninspectable,
         )
 
     def _inspect(self, container_id: str) -> Container | str | None:

@@ -82,7 +82,7 @@ def one_pass(
     # that starts before it (prepare, then result-tmp/) is in both or young; what changes after
     # is caught by the re-check before each removal (daemon).
     containerd = ports.containerd.observe()
-    unjudged = dict(getattr(ports.containerd, "uninspectable", None) or {})
+    unjudged = dict(containerd.uninspectable)
     store = ports.store.observe()
     now = ports.clock.now()
     history = remember(history, containerd, now)

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Record(BaseModel):
@@ -127,6 +127,9 @@ class ContainerdState(Record):
     #: Ids of containers we do not own: listed so we know they exist, never inspected.
     foreign_containers: tuple[str, ...] = ()
     tasks: tuple[Task, ...] = ()
+    #: Owned containers ctr could not describe, with why: we cannot judge them, so they are
+    #: never touched (and listed among the foreign ones) and what they may use is kept.
+    uninspectable: dict[str, str] = Field(default_factory=dict)
 
 
 def container_identity(c: Container) -> str:
