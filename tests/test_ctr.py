@@ -72,6 +72,8 @@ def test_errors_are_classified(stderr: str, outcome: Outcome) -> None:
         ("c", 'ctr: container "c" in namespace "default": not found', Outcome.NOT_FOUND),
         ("c", 'container "c" in namespace "default": not found', Outcome.NOT_FOUND),
         ("c", "no running task found: task c not found: not found", Outcome.NOT_FOUND),
+        ("c", "ctr: no running task found: task c not found", Outcome.NOT_FOUND),  # containerd 2.1
+        ("c", "ctr: no running task found: task cc not found", Outcome.FAILED),
         # Not found, but about something else: the object is still there.
         ("k", 'ctr: failed to remove "k": parent snapshot p does not exist: not found', Outcome.FAILED),
         ("k", 'ctr: failed to remove "k": snapshot kk does not exist: not found', Outcome.FAILED),

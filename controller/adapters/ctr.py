@@ -388,6 +388,9 @@ def classify(stderr: str, name: str | None = None) -> Result:
         return Result(Outcome.HAS_CHILD, message)
     if message.endswith(": not found") and (name is None or _about(message, name)):
         return Result(Outcome.NOT_FOUND, message)
+    if name is not None and message.endswith(f"no running task found: task {name} not found"):
+        # containerd 2.x prints this one without its class (1.6 and 1.7: "...: not found").
+        return Result(Outcome.NOT_FOUND, message)
     return Result(Outcome.FAILED, message)
 
 
