@@ -111,13 +111,18 @@ class ReconcileService:
         return self._status
 
     def request_stop(self, why: str = "stop requested") -> None:
+        """Set the stop flag and return at once: a service manager's control handler must not
+        block, and a console's signal handler runs in the thread that may hold the lock."""
+        if self.stop.is_set():
+            return
+        self.stop.set()
+        threading.Thread(target=self._stop_pending, args=(why,), name="service stop", daemon=True).start()
+
+    def _stop_pending(self, why: str) -> None:
+        log.info("%s; finishing the action under way", why)
         with self._lock:
-            first = not self.stop.is_set()
-            self.stop.set()
             if self._status.state in (State.START_PENDING, State.RUNNING):
                 self._enter(State.STOP_PENDING, "finishing the action under way")
-        if first:
-            log.info("%s; finishing the action under way", why)
 
     def run(self) -> ExitCode:
         """From start-pending to stopped; returns the exit code the service stopped with."""
@@ -145,6 +150,9 @@ class ReconcileService:
                 else:
                     log.error("service failed (exit %d): %s", code, reason)
                 with self._lock:
+                    if self.stop.is_set() and self._status.state in (State.START_PENDING, State.RUNNING):
+                        # The stop's own thread has not said it yet: stop-pending always comes first.
+                        self._enter(State.STOP_PENDING, "finishing the action under way")
                     self._status = Status(State.STOPPED, exit_code=code, reason=reason)
                     self.manager.report(self._status)
         return code

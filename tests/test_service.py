@@ -214,6 +214,26 @@ def test_a_stop_while_waiting_for_containerd_stops_cleanly() -> None:
     assert code == [ExitCode.OK] and manager.states()[-1] is State.STOPPED
 
 
+def test_a_stop_asked_while_a_report_is_under_way_neither_blocks_nor_reorders_the_reports() -> None:
+    # A console's Ctrl-C runs its handler in the thread that may be reporting (holding the lock):
+    # the stop must only set the flag there, and stop-pending still comes before stopped.
+    class StopsWhenRunning(Recorder):
+        service: ReconcileService
+
+        def report(self, status: Status) -> None:
+            super().report(status)
+            if status.state is State.RUNNING:
+                self.service.request_stop("Ctrl-C")
+
+    manager = StopsWhenRunning()
+    manager.service = service = ReconcileService(manager, FakeSteps(), checkpoint_every=0.05)
+    t, code = started(service)
+    t.join(10)
+    assert not t.is_alive(), "the stop deadlocked the service"
+    assert code == [ExitCode.OK]
+    assert manager.states() == [State.START_PENDING, State.RUNNING, State.STOP_PENDING, State.STOPPED]
+
+
 def test_a_daemon_that_fails_stops_the_service_as_failed_so_recovery_restarts_it() -> None:
     manager, steps = Recorder(), FakeSteps(daemon=LockedError("another reconcile holds the lock"))
     code = ReconcileService(manager, steps, checkpoint_every=0.05).run()
