@@ -108,7 +108,35 @@ def render_summary(run: RunReport) -> str:
     if run.stuck:
         lines.append(f"Stuck ({len(run.stuck)}):")
         lines += [f"  {s.kind} {s.name}: {s.reason}" for s in run.stuck]
+    lines += render_disk(run)
     return "\n".join(lines)
+
+
+#: Folders of the disk report listed one by one; the rest are counted.
+DISK_LISTED = 20
+
+
+def render_disk(run: RunReport) -> list[str]:
+    """What lies in the snapshotter's folder that containerd's records do not know."""
+    disk = run.disk
+    if disk is None or disk.folder is None:
+        return []
+    if disk.error is not None:
+        return [f"Disk: {disk.error}"]
+    lines = []
+    if run.left_on_disk:
+        lines.append(f"Disk: {run.left_on_disk:,} bytes of the snapshots removed stayed on disk (rm-* folders).")
+    if disk.unknown:
+        lines.append(
+            f"Disk: {len(disk.unknown)} folder(s) in {disk.folder} that containerd does not know hold "
+            f"{disk.unknown_bytes:,} bytes (see the README's runbook on disk space containerd does not account for):"
+        )
+        lines += [f"  {f.name} ({f.reason}): {f.size_bytes:,} bytes" for f in disk.unknown[:DISK_LISTED]]
+        if len(disk.unknown) > DISK_LISTED:
+            lines.append(f"  ... and {len(disk.unknown) - DISK_LISTED} more")
+    if disk.unattributed:
+        lines.append(f"Disk: {disk.unattributed} layer folder(s) more than containerd has snapshots.")
+    return lines
 
 
 def summary_json(run: RunReport) -> dict[str, Any]:
@@ -131,6 +159,8 @@ def summary_json(run: RunReport) -> dict[str, Any]:
         "seconds": run.seconds,
         "ctr_calls": run.ctr_calls,
         "garbage_collection": run.garbage_collection,
+        "disk": run.disk.model_dump(mode="json") if run.disk is not None else None,
+        "left_on_disk": run.left_on_disk,
         "exit_code": run.exit_code,
     }
 

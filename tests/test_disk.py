@@ -383,3 +383,61 @@ def test_without_a_layer_path_from_the_store_the_active_snapshots_mounts_name_th
         f"disk truth: {drift.snapshots} snapshots, {drift.snapshot_folders} folders, "
         f"{observer.calls} ctr calls, {took:.2f} s"
     )
+
+
+@pytest.mark.containerd
+def test_once_reports_a_layer_folder_containerds_collection_could_not_delete(
+    world: World, containerd: PrivateContainerd, namespace: str, immutable: list[Path]
+) -> None:
+    # The worker's view after a boot repair: containerd's records say the orphan went, but its
+    # folder stayed (on Windows: a file a leaked compute system holds). The run says so, with bytes.
+    from tests.support.cli import reconcile_on
+
+    base = world.base("b:once-disk")
+    world.step("kept", base)
+    source, _ = world.prepare("obuilder-leak", base + "-committed")
+    held = Path(source) / "in-use.dll"
+    held.write_bytes(b"x" * 123_456)
+    assert subprocess.run(["chattr", "+i", str(held)], capture_output=True, check=False).returncode == 0
+    removed = "rm-" + Path(source).name
+    immutable += [held, Path(source).with_name(removed) / "in-use.dll"]
+
+    run = reconcile_on(containerd, namespace, world.root, "--once", "--json")
+    assert run.code == 0, run.stderr
+    summary = run.json["summary"]
+    assert summary["removed"]["snapshot"] == 1 and summary["garbage_collection"] == "done"
+    unknown = {f["name"]: f for f in summary["disk"]["unknown"]}
+    assert unknown[removed] == {"name": removed, "reason": "removed", "size_bytes": 123_456}
+    assert summary["disk"]["folder"] == str(native_folder(containerd))
+
+    human = reconcile_on(containerd, namespace, world.root, "--once")
+    assert f"{removed} (removed): 123,456 bytes" in human.stdout, human.stdout
+
+
+def test_the_disk_look_becomes_gauges_by_reason() -> None:
+    from datetime import UTC, datetime
+
+    from controller.adapters.metrics import Metrics
+    from controller.model.outcome import PassReport
+    from controller.model.plan import Mode
+
+    metrics = Metrics()
+    text = metrics.exposition().decode()
+    assert 'obuilder_reconcile_disk_unknown_bytes{reason="removed"} 0.0' in text  # there from the start
+    drift = DiskDrift(
+        folder="/root/snapshots",
+        unknown=(
+            UnknownFolder(name="rm-7", reason="removed", size_bytes=5_000),
+            UnknownFolder(name="rm-9", reason="removed", size_bytes=2_000),
+            UnknownFolder(name="new-1", reason="unfinished", size_bytes=10),
+        ),
+    )
+    report = PassReport(time=datetime.now(UTC), mode=Mode.DAEMON, number=1, outcome="success", seconds=0.1)
+    metrics.pass_finished(report.model_copy(update={"disk": drift}))
+    text = metrics.exposition().decode()
+    assert 'obuilder_reconcile_disk_unknown_bytes{reason="removed"} 7000.0' in text
+    assert 'obuilder_reconcile_disk_unknown_folders{reason="removed"} 2.0' in text
+    assert 'obuilder_reconcile_disk_unknown_folders{reason="unfinished"} 1.0' in text
+    # A pass that did not look leaves the last look's numbers.
+    metrics.pass_finished(report)
+    assert 'obuilder_reconcile_disk_unknown_bytes{reason="removed"} 7000.0' in metrics.exposition().decode()

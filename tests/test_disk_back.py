@@ -7,11 +7,14 @@ collection as soon as a pass has removed snapshots and waits for it before it en
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 from controller.core.passes import PassOptions, run_once
+from controller.model.disk import DiskDrift
 from controller.model.outcome import Outcome, Result
 from controller.model.plan import Mode, PlanOptions
 from controller.model.records import ContainerdState, Snapshot
@@ -105,3 +108,53 @@ def test_once_returns_with_the_removed_snapshots_layer_folders_gone(
     assert run.json["summary"]["removed"]["snapshot"] == 160
     assert left <= 0, f"{left} layer folders of removed snapshots were still on disk when --once returned"
     assert run.json["summary"]["garbage_collection"] == "done"
+
+
+class FakeDisk:
+    """The snapshotter's folder: counts its looks."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.looks = 0
+
+    def observe_states(self, containerd: object, store: object) -> DiskDrift:
+        self.looks += 1
+        self.calls += 2
+        return DiskDrift(folder="/snapshots")
+
+    def reclaimed(self, removed_bytes: int | None, drift: DiskDrift | None) -> int | None:
+        return removed_bytes
+
+
+def test_the_daemon_looks_at_the_disk_once_an_interval_and_never_right_after_removing() -> None:
+    from datetime import timedelta
+
+    from controller.core.passes import one_pass
+    from controller.model.records import History
+    from tests.support.fake import FakeClock
+
+    clock = FakeClock(datetime(2026, 11, 29, tzinfo=UTC))
+    cd, disk = orphan_world(), FakeDisk()
+    ports = fake_ports(cd, FakeStore(FakeStore.empty()), clock)
+    ports = dataclasses.replace(ports, disk=disk)
+    options = PassOptions(PlanOptions(grace_period=timedelta(0)), Mode.DAEMON, disk_every=timedelta(minutes=5))
+    first = one_pass(ports, options, History(), 1)
+    assert disk.looks == 1 and first.disk is not None  # before it removed anything
+    assert first.removed.get("snapshot")
+    clock.advance(360)
+    history = first.history
+    assert history is not None
+    cd.recreate("obuilder-c-committed", "sha256:base", clock.now() - timedelta(hours=1))
+    second = one_pass(ports, options, history, 2)
+    assert disk.looks == 2 and second.removed.get("snapshot")  # the interval passed
+    clock.advance(30)
+    assert second.history is not None
+    # Interval passed (ten seconds), but the collection of what the last pass removed may
+    # still be deleting folders: they would look like folders containerd does not know.
+    often = dataclasses.replace(options, disk_every=timedelta(seconds=10))
+    third = one_pass(ports, often, second.history, 3)
+    assert disk.looks == 2 and third.disk is None
+    clock.advance(31)
+    assert third.history is not None
+    fourth = one_pass(ports, often, third.history, 4)
+    assert disk.looks == 3 and fourth.disk is not None

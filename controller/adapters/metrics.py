@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controller.core.ports import Reporter
+from controller.model.disk import UNKNOWN_REASONS
 from controller.model.errors import UsageError
 from controller.model.outcome import ACTION_KINDS, BACKLOG_KINDS, BACKLOG_STATES, Backlog, Outcome, PassReport, Result
 from controller.model.plan import DRIFT_KINDS, Kind
@@ -44,7 +45,16 @@ METRICS = {
         "Seconds from the end of the last pass until the first waiting object of a kind may go (0: none waits).",
     ),
     "obuilder_reconcile_orphan_bytes": ("gauge", "Disk held by orphan snapshots (when measureBytes is on)."),
-    "obuilder_reconcile_reclaimed_bytes_total": ("counter", "Disk freed by removed snapshots (measureBytes)."),
+    "obuilder_reconcile_reclaimed_bytes_total": (
+        "counter",
+        "Disk freed by removed snapshots (measureBytes): containerd's measure less what its collector left in rm-*.",
+    ),
+    "obuilder_reconcile_disk_unknown_folders": (
+        "gauge",
+        "Folders in the snapshotter's folder that no snapshot owns, by reason (removed: rm-*, unfinished: new-*, "
+        "not-a-snapshot, unclaimed), at the last look (once a resync interval).",
+    ),
+    "obuilder_reconcile_disk_unknown_bytes": ("gauge", "Bytes those folders hold, by reason."),
 }
 
 
@@ -106,6 +116,21 @@ class Metrics(Reporter):
         self.reclaimed_bytes = Counter(
             "obuilder_reconcile_reclaimed_bytes", help_of("obuilder_reconcile_reclaimed_bytes_total"), registry=r
         )
+        self.disk_folders = Gauge(
+            "obuilder_reconcile_disk_unknown_folders",
+            help_of("obuilder_reconcile_disk_unknown_folders"),
+            ["reason"],
+            registry=r,
+        )
+        self.disk_bytes = Gauge(
+            "obuilder_reconcile_disk_unknown_bytes",
+            help_of("obuilder_reconcile_disk_unknown_bytes"),
+            ["reason"],
+            registry=r,
+        )
+        for unknown in UNKNOWN_REASONS:
+            self.disk_folders.labels(unknown)
+            self.disk_bytes.labels(unknown)
         for kind in DRIFT_KINDS:
             self.drift.labels(kind)
         for kind in ACTION_KINDS:
@@ -154,6 +179,11 @@ class Metrics(Reporter):
             self.orphan_bytes.set(status.orphan_bytes)
         if status.reclaimed_bytes:
             self.reclaimed_bytes.inc(status.reclaimed_bytes)
+        disk = status.disk
+        if disk is not None and disk.folder is not None and disk.error is None:
+            for why, (folders, size) in disk.by_reason().items():
+                self.disk_folders.labels(why).set(folders)
+                self.disk_bytes.labels(why).set(size)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

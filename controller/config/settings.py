@@ -14,6 +14,7 @@ from pathlib import Path
 from controller.adapters import platform
 from controller.adapters.containerd import CtrContainerd
 from controller.adapters.ctr import Ctr, CtrSettings
+from controller.adapters.disk import DiskObserver
 from controller.adapters.lock import STATE_DIR
 from controller.adapters.store import FsStore
 from controller.config.policy import load_policy
@@ -61,7 +62,14 @@ class Settings:
         return PlanOptions.from_spec(self.spec, mode)
 
     def pass_options(self, mode: Mode, *, dry_run: bool = False) -> PassOptions:
-        return PassOptions(plan=self.plan_options(mode), mode=mode, measure_bytes=self.measure_bytes, dry_run=dry_run)
+        return PassOptions(
+            plan=self.plan_options(mode),
+            mode=mode,
+            measure_bytes=self.measure_bytes,
+            dry_run=dry_run,
+            # The daemon looks at the snapshotter's folder once a resync interval (--once: at its end).
+            disk_every=self.interval if mode is Mode.DAEMON else None,
+        )
 
     def ports(self, reporter: Reporter) -> Ports:
         """The real world for a pass: ctr against containerd, the store on disk, the wall clock."""
@@ -74,6 +82,7 @@ class Settings:
             store=store,
             reporter=reporter,
             clock=WallClock(),
+            disk=DiskObserver(Ctr(self.ctr)),  # its own Ctr: its calls are counted apart
         )
 
 

@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from controller.core.executor import PassResult, execute
 from controller.core.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
@@ -53,6 +53,23 @@ class PassOptions:
     recheck_batch: int = RECHECK_BATCH
     #: Asked before each action: a stop finishes the action under way, not the pass.
     should_stop: Callable[[], bool] = field(default=lambda: False, compare=False)
+    #: Daemon: how often a pass looks at the snapshotter's folder (None: never in a pass;
+    #: ``--once`` looks once, after its collection).
+    disk_every: timedelta | None = None
+
+
+#: After removals, the collector deletes their folders within a second or so; until then a
+#: folder of a removed snapshot would look like one containerd does not know.
+DISK_SETTLE = timedelta(seconds=60)
+
+
+def _disk_due(ports: Ports, options: PassOptions, history: History, now: datetime) -> bool:
+    if ports.disk is None or options.disk_every is None:
+        return False
+    looked, removed = history.disk_looked_at, history.snapshots_removed_at
+    return (looked is None or now - looked >= options.disk_every) and (
+        removed is None or now - removed >= DISK_SETTLE
+    )
 
 
 def remember(history: History, containerd: ContainerdState, now: datetime) -> History:
@@ -68,7 +85,7 @@ def remember(history: History, containerd: ContainerdState, now: datetime) -> Hi
         if c.id not in live:
             identity = container_identity(c)
             idle[identity] = history.containers_idle_since.get(identity, now)
-    return History(containers_idle_since=idle)
+    return history.model_copy(update={"containers_idle_since": idle})
 
 
 def one_pass(
@@ -86,6 +103,11 @@ def one_pass(
     store = ports.store.observe()
     now = ports.clock.now()
     history = remember(history, containerd, now)
+    disk = None
+    disk_calls = ports.disk.calls if ports.disk is not None else 0
+    if ports.disk is not None and _disk_due(ports, options, history, now):
+        disk = ports.disk.observe_states(containerd, store)
+        history = history.model_copy(update={"disk_looked_at": now})
     observation = Observation(store=store, containerd=containerd, history=history)
     dating = _Dating(ports.containerd)
     plan = hold_what_they_may_use(plan_with_ages(observation, options.plan, now, mode, dating), containerd, unjudged)
@@ -109,6 +131,8 @@ def one_pass(
         )
     ended = ports.clock.now()
     report = _report(plan, result, observation, number, options, ended, (ended - started).total_seconds(), sizes)
+    if report.removed.get(Kind.SNAPSHOT.value):
+        history = history.model_copy(update={"snapshots_removed_at": ended})
     kept = tuple(
         Stuck(kind=Kind.CONTAINER, name=name, reason=f"could not be inspected, so kept with what it may use: {why}")
         if name not in dating.undated
@@ -119,8 +143,13 @@ def one_pass(
     )
     report = report.model_copy(
         update={
-            "ctr_calls": ports.containerd.calls - calls,
+            "ctr_calls": ports.containerd.calls - calls + (ports.disk.calls - disk_calls if ports.disk else 0),
             "history": history,
+            "observation": observation,
+            "disk": disk,
+            "reclaimed_bytes": (
+                ports.disk.reclaimed(report.reclaimed_bytes, disk) if ports.disk else report.reclaimed_bytes
+            ),
             "trigger": why,
             "unjudged": kept,
             "stuck": report.stuck + kept,
@@ -143,7 +172,7 @@ def run_once(
     """Passes until converged (or, with ``dry_run``, one look). ``before_pass`` is called before
     each pass that may act; whatever it raises ends the run."""
     started = ports.clock.now()
-    calls = ports.containerd.calls
+    calls = ports.containerd.calls + (ports.disk.calls if ports.disk else 0)
     history = History()
     reports: list[PassReport] = []
     # Removed snapshots leave their layer folders to containerd's next garbage collection. At
@@ -155,6 +184,9 @@ def run_once(
     def look(number: int, dry_run: bool) -> PassReport:
         nonlocal history
         pass_options = options if options.dry_run == dry_run else replace(options, dry_run=dry_run)
+        if number == 1 and options.measure_bytes:
+            # The disk before any removal: what the run leaves in rm-* is told from what was there.
+            pass_options = replace(pass_options, disk_every=timedelta(0))
         if not dry_run and before_pass is not None:
             before_pass()
         report = one_pass(ports, pass_options, history, number)
@@ -184,6 +216,12 @@ def run_once(
         collected = [job.result() for job in collections]
     failed_gc = [r.message for r in collected if not r.outcome.done]
     last = reports[-1]
+    disk, left = None, None
+    if ports.disk is not None and last.observation is not None:
+        disk = ports.disk.observe_states(last.observation.containerd, last.observation.store)
+        before = reports[0].disk
+        if before is not None and before.error is None and disk.error is None:
+            left = max(0, disk.removed_bytes - before.removed_bytes)
     converged = last.planned_total == 0
     stuck: list[Stuck] = []
     if not converged and not options.dry_run:
@@ -198,8 +236,10 @@ def run_once(
         converged=converged,
         stuck=tuple(stuck),
         seconds=round((ports.clock.now() - started).total_seconds(), 3),
-        ctr_calls=ports.containerd.calls - calls,
+        ctr_calls=ports.containerd.calls + (ports.disk.calls if ports.disk else 0) - calls,
         garbage_collection=None if not collected else (failed_gc[-1] if failed_gc else "done"),
+        disk=disk,
+        left_on_disk=left,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from controller.model.disk import DiskDrift
 from controller.model.outcome import Outcome, PassReport, Result
 from controller.model.plan import Kind, Plan
 from controller.model.records import ContainerdState, StoreState
@@ -46,6 +47,23 @@ class ContainerdPort(Protocol):
 
         Removing a snapshot drops containerd's record of it; its layer folder goes in a
         later collection. After this the disk is back (or the failure says why not)."""
+        ...
+
+
+class DiskPort(Protocol):
+    """The snapshotter's own folder: what lies on disk that containerd's records do not know."""
+
+    @property
+    def calls(self) -> int:
+        """ctr processes started so far."""
+        ...
+
+    def observe_states(self, containerd: ContainerdState, store: StoreState) -> DiskDrift:
+        """Folders no snapshot owns (``rm-*`` a collection could not delete...), with their bytes."""
+        ...
+
+    def reclaimed(self, removed_bytes: int | None, drift: DiskDrift | None) -> int | None:
+        """Of the bytes containerd measured for the snapshots removed, those that left the disk."""
         ...
 
 
@@ -117,3 +135,5 @@ class Ports:
     store: StorePort
     reporter: Reporter
     clock: Clock
+    #: The snapshotter's folder as it is on disk; None: not looked at.
+    disk: DiskPort | None = None

@@ -18,8 +18,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from controller.model.disk import DiskDrift
 from controller.model.plan import DRIFT_KINDS, Kind, Mode, Plan, StoreDrift
-from controller.model.records import History, Record
+from controller.model.records import History, Observation, Record
 
 #: The kinds of object a pass removes, in the order it removes them.
 ACTION_KINDS = (Kind.CONTAINER, Kind.SNAPSHOT, Kind.RESULT_TMP, Kind.CACHE_TMP)
@@ -152,9 +153,12 @@ class PassReport(Record):
     #: A failed pass: when the loop tries again (seconds), and where an unforeseen error arose.
     retry_in: float | None = None
     traceback: str | None = Field(default=None, exclude=True, repr=False)
+    #: The snapshotter's folder against containerd's records (when it was looked at).
+    disk: DiskDrift | None = None
     #: The pass's plan and the daemon's memory after it: for the loop and the CLI, not the status file.
     plan: Plan | None = Field(default=None, exclude=True, repr=False)
     history: History | None = Field(default=None, exclude=True, repr=False)
+    observation: Observation | None = Field(default=None, exclude=True, repr=False)
 
     @property
     def progress(self) -> int:
@@ -190,6 +194,11 @@ class RunReport(Record):
     #: containerd's garbage collection after the removals (layer folders are deleted in it),
     #: waited for: "done", why it failed, or None when nothing was removed.
     garbage_collection: str | None = None
+    #: The snapshotter's folder once the run (and that collection) ended.
+    disk: DiskDrift | None = None
+    #: Bytes of removed snapshots whose folders stayed on disk (``rm-*`` grown during the
+    #: run; known when bytes are measured): not reclaimed, though containerd's records say so.
+    left_on_disk: int | None = None
 
     @property
     def first(self) -> PassReport:
@@ -247,7 +256,10 @@ class RunReport(Record):
                 "drift": {**last.drift, "stuck": len(self.stuck)},
                 "ctr_calls": self.ctr_calls,
                 "reclaimed_bytes": (
-                    None if last.orphan_bytes is None else sum(p.reclaimed_bytes or 0 for p in self.passes)
+                    None
+                    if last.orphan_bytes is None
+                    else max(0, sum(p.reclaimed_bytes or 0 for p in self.passes) - (self.left_on_disk or 0))
                 ),
+                "disk": self.disk or last.disk,
             }
         )

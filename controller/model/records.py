@@ -146,6 +146,10 @@ class History(Record):
     """
 
     containers_idle_since: dict[str, datetime] = {}
+    #: When the snapshotter's folder was last looked at, and when snapshots were last removed:
+    #: the disk is looked at once a resync interval, never while a collection may be under way.
+    disk_looked_at: datetime | None = None
+    snapshots_removed_at: datetime | None = None
 
 
 class Observation(Record):
