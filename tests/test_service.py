@@ -554,7 +554,13 @@ def test_the_installer_calls_only_flags_and_subcommands_the_python_side_has() ->
     known = build_service_parser()._option_string_actions
     flags = re.findall(r"(--[\w-]+)", service)
     assert flags and all(f in known for f in flags), [f for f in flags if f not in known]
-    assert re.search(r"-m controller check-policy \$Policy", code), "the policy is not checked with check-policy"
+    assert "@('-m', 'controller', 'check-policy', $Policy)" in code, "the policy is not checked with check-policy"
+    # Windows PowerShell 5.1 throws on a native program's redirected stderr under 'Stop': native
+    # programs are run in one place, which takes their output as text.
+    native = code[code.index("function Invoke-Native") :]
+    native = native[: native.index("\n}\n")]
+    assert code.count("2>&1") == native.count("2>&1") == 1 and "$ErrorActionPreference = 'Continue'" in native
+    assert not re.search(r"^\s*& \$Python", code, re.M), "python.exe run outside Invoke-Native"
     # What the issue found broken in the old script must not come back.
     assert "--dry-run" not in code and "*>>" not in code and "RestartCount" not in code
     assert "Register-ScheduledTask" not in code

@@ -62,11 +62,19 @@ function Write-Log([string] $Level, [string] $Message, [hashtable] $Fields = @{}
     Write-Host "$Level $Message"
 }
 
+function Invoke-Native([string] $Exe, [string[]] $Arguments) {
+    # Windows PowerShell 5.1 turns the stderr of a native program, once redirected, into error
+    # records that 'Stop' throws on: take it as text, and let the caller judge the exit code.
+    $ErrorActionPreference = 'Continue'
+    $out = & $Exe @Arguments 2>&1 | ForEach-Object { "$_" } | Out-String
+    return [pscustomobject]@{ Code = $LASTEXITCODE; Output = $out.Trim() }
+}
+
 function Invoke-Sc([string[]] $Arguments) {
-    $out = & sc.exe @Arguments 2>&1 | Out-String
-    if ($LASTEXITCODE -ne 0) {
-        Write-Log 'error' "sc.exe $($Arguments -join ' ') failed" @{ exit = $LASTEXITCODE; output = $out.Trim() }
-        throw "sc.exe $($Arguments -join ' ') failed (exit $LASTEXITCODE): $out"
+    $run = Invoke-Native 'sc.exe' $Arguments
+    if ($run.Code -ne 0) {
+        Write-Log 'error' "sc.exe $($Arguments -join ' ') failed" @{ exit = $run.Code; output = $run.Output }
+        throw "sc.exe $($Arguments -join ' ') failed (exit $($run.Code)): $($run.Output)"
     }
 }
 
@@ -143,18 +151,18 @@ if (-not (Get-Service -Name $ContainerdService -ErrorAction SilentlyContinue)) {
 }
 
 # The interpreter must host a service itself: not a venv launcher, and pywin32 importable.
-$probe = & $Python -c 'import sys, win32serviceutil; print(sys.prefix == sys.base_prefix)' 2>&1 | Out-String
-if ($LASTEXITCODE -ne 0 -or $probe.Trim() -ne 'True') {
-    throw "$Python cannot host the service: $($probe.Trim()) (a plain Python with 'pip install obuilder-reconcile[windows]', not a venv)"
+$probe = Invoke-Native $Python @('-c', 'import sys, win32serviceutil; print(sys.prefix == sys.base_prefix)')
+if ($probe.Code -ne 0 -or $probe.Output -ne 'True') {
+    throw "$Python cannot host the service: $($probe.Output) (a plain Python with 'pip install obuilder-reconcile[windows]', not a venv)"
 }
 
 # Nothing changes unless the policy validates. Exit 2: the message names file:line:column.
-$check = & $Python -m controller check-policy $Policy 2>&1 | Out-String
-if ($LASTEXITCODE -ne 0) {
-    Write-Log 'error' 'the policy does not validate; nothing changed' @{ policy = $Policy; output = $check.Trim() }
-    throw "the policy does not validate: $($check.Trim())"
+$check = Invoke-Native $Python @('-m', 'controller', 'check-policy', $Policy)
+if ($check.Code -ne 0) {
+    Write-Log 'error' 'the policy does not validate; nothing changed' @{ policy = $Policy; output = $check.Output }
+    throw "the policy does not validate: $($check.Output)"
 }
-Write-Log 'info' $check.Trim()
+Write-Log 'info' $check.Output
 
 $worker = Find-WorkerService
 Write-Log 'info' "worker service: $($worker.Name)" @{ service = $worker.Name; path = $worker.PathName; state = $worker.State }
