@@ -329,7 +329,7 @@ def run_service(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     def make(manager: ServiceManager) -> ReconcileService:
         return ReconcileService(manager, ServiceSteps(args, env))
 
-    if platform.IS_WINDOWS and not args.console:
+    if platform.has_service_manager() and not args.console:
         from controller.adapters import winservice
 
         return winservice.host(args.service_name, make)

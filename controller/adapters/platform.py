@@ -180,6 +180,12 @@ def on_console_stop(stop: Callable[[], None]) -> None:
             signal.signal(getattr(signal, name), handler)
 
 
+def has_service_manager() -> bool:
+    """Whether ``reconcile service`` is hosted by a service manager we speak to (Windows'
+    service control manager, through pywin32); elsewhere it runs in the console."""
+    return IS_WINDOWS
+
+
 # -- Files on NTFS: deletion, shared reads, replacing ---------------------------------
 #
 # On Windows a file another process holds open fails our unlink, rename or replace
