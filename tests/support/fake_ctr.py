@@ -490,7 +490,8 @@ _GLOBAL_VALUE_FLAGS = {
 }  # fmt: skip
 _COMMANDS = {"snapshots": "snapshots", "snapshot": "snapshots", "containers": "containers", "container": "containers",
              "c": "containers", "tasks": "tasks", "task": "tasks", "t": "tasks", "version": "version",
-             "leases": "leases"}  # fmt: skip
+             "leases": "leases", "namespaces": "namespaces", "namespace": "namespaces",
+             "ns": "namespaces"}  # fmt: skip
 _VERBS = {"ls": "ls", "list": "ls", "rm": "rm", "delete": "rm", "del": "rm", "remove": "rm", "info": "info",
           "create": "create",
           "usage": "usage"}  # fmt: skip
@@ -587,6 +588,11 @@ def dispatch(call: Call, args: list[str]) -> None:
             call.containers_rm(names)
         case ("tasks", "ls"):
             call.tasks_ls()
+        case ("namespaces", "ls"):
+            flags, _ = _flags(rest, {"--quiet": False, "-q": False})
+            if not flags:
+                raise Unsupported(" ".join(args))
+            call.stdout.append(f"{call.world['namespace']}\n")
         case ("leases", "create"):
             flags, labels = _flags(rest, {"--id": True, "--expires": True, "-x": True})
             if labels or "--id" not in flags:
