@@ -11,15 +11,24 @@ from pathlib import Path
 import pytest
 
 from controller.adapters.lock import StoreLock
+from controller.model.errors import ExitCode
 from tests.support.cli import reconcile_on
 from tests.support.containerd import PrivateContainerd
 from tests.support.world import World
 
 
 @pytest.mark.containerd
-@pytest.mark.parametrize("break_it", ["no-result-dir", "no-db", "mistyped-root"])
+@pytest.mark.parametrize(
+    ("break_it", "code"),
+    [
+        ("no-result-dir", ExitCode.STORE_NOT_READY),
+        ("no-db", ExitCode.STORE_NOT_READY),
+        # No store at all: a fresh worker's, which OBuilder creates at its first start.
+        ("mistyped-root", ExitCode.STORE_NOT_CREATED),
+    ],
+)
 def test_a_root_that_is_not_a_store_touches_nothing(
-    world: World, containerd: PrivateContainerd, namespace: str, break_it: str
+    world: World, containerd: PrivateContainerd, namespace: str, break_it: str, code: ExitCode
 ) -> None:
     world.orphan_chain(world.base("b:1"), "o", 2)
     world.leak_container("obuilder-run-1", task="stopped")
@@ -32,8 +41,8 @@ def test_a_root_that_is_not_a_store_touches_nothing(
     else:
         root = root.parent / "not-mounted"
     run = reconcile_on(containerd, namespace, root, "--once")
-    assert run.code == 2
-    assert "does not look like an OBuilder store" in run.stderr
+    assert run.code == code, run.stderr
+    assert "OBuilder store" in run.stderr or "does not exist yet" in run.stderr
     assert (containerd.snapshot_keys(namespace), containerd.container_ids(namespace)) == before
 
 
@@ -43,7 +52,7 @@ def test_two_runs_on_one_store_cannot_overlap(world: World, containerd: PrivateC
     before = containerd.snapshot_keys(namespace)
     with StoreLock(world.root):
         run = reconcile_on(containerd, namespace, world.root, "--once")
-    assert run.code == 2 and "another reconcile holds" in run.stderr
+    assert run.code == ExitCode.LOCKED and "another reconcile holds" in run.stderr
     assert containerd.snapshot_keys(namespace) == before
     assert reconcile_on(containerd, namespace, world.root, "--once").code == 0
 
@@ -109,7 +118,7 @@ def test_once_refuses_while_a_worker_runs_unless_forced(
 ) -> None:
     world.leak_container("obuilder-run-1", task="running")
     run = reconcile_on(containerd, namespace, world.root, "--once")
-    assert run.code == 2 and "ocluster-worker" in run.stderr
+    assert run.code == ExitCode.WORKER_RUNNING and "ocluster-worker" in run.stderr
     assert containerd.container_ids(namespace) == ["obuilder-run-1"]
     forced = reconcile_on(containerd, namespace, world.root, "--once", "--force")
     assert forced.code == 0, forced.stderr
