@@ -400,3 +400,12 @@ def test_check_policy_imports_the_policy_loader_and_nothing_of_a_run(tmp_path: P
     assert "controller.config.policy" in imported
     assert not imported & {"controller.config.settings", "controller.commands", "controller.adapters.ctr",
                            "controller.core.passes", "controller.adapters.store"}, imported  # fmt: skip
+
+
+def test_service_refuses_the_flags_of_a_one_off_run_and_keeps_the_flag_style_cli(tmp_path: Path) -> None:
+    for flag in ("--once", "--dry-run", "--json", "--force"):
+        run = run_cli("service", flag, "--store", str(tmp_path))
+        assert run.code == 2 and f"{flag} does not go with it" in run.stderr, run.stderr
+    # The words are subcommands only as the first argument: a store named like one is still a store.
+    run = run_cli("--once", "--store", str(tmp_path / "check-policy"), "--address", str(tmp_path / "none.sock"))
+    assert run.code == 4 and "check-policy does not exist yet" in run.stderr, run.stderr
