@@ -92,6 +92,16 @@ def containerd() -> Iterator[PrivateContainerd]:
 
 
 @pytest.fixture
+def own_containerd() -> Iterator[PrivateContainerd]:
+    """A containerd of the test's own, so stopping or killing it leaves the session's alone."""
+    cd = PrivateContainerd().start()
+    try:
+        yield cd
+    finally:
+        cd.stop()
+
+
+@pytest.fixture
 def namespace(containerd: PrivateContainerd) -> str:
     return f"t{next(_namespaces)}"
 

@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -341,16 +341,6 @@ def test_a_ctr_that_hangs_ends_the_run_within_the_call_timeout(
     ctr.disarm("hang")
     converges(containerd, namespace, world.root, gone=orphans)
     fault(f"ctr hangs on '{hang_on}'", f"exit 1 'timed out after 2s' in {took:.1f} s; {held}")
-
-
-@pytest.fixture
-def own_containerd() -> Iterator[PrivateContainerd]:
-    """A containerd of the test's own, so killing it leaves the session's alone."""
-    cd = PrivateContainerd().start()
-    try:
-        yield cd
-    finally:
-        cd.stop()
 
 
 def test_containerd_killed_mid_pass_then_restarted(

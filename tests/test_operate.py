@@ -17,7 +17,6 @@ import termios
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,15 +60,6 @@ def until(check: object, timeout: float = 30, what: str = "") -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def own_containerd() -> Iterator[PrivateContainerd]:
-    cd = PrivateContainerd().start()
-    try:
-        yield cd
-    finally:
-        cd.stop()
 
 
 @pytest.mark.containerd
