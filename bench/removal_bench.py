@@ -131,7 +131,7 @@ def floor(world: World, leaks: Leaks) -> int:
 #: Where (a)'s time goes, per run: process start and exit, the first pass (observe, plan,
 #: remove), and the rest of the run (the confirming look and containerd's collection).
 PHASES: dict[int, list[tuple[float, float, float]]] = {}
-_PASS_SECONDS = re.compile(r" INFO pass 1 \(boot\): .*, ([\d.]+) s$", re.M)
+_PASS_SECONDS = re.compile(r" INFO pass 1 \(boot\): .* ctr calls, ([\d.]+) s", re.M)
 
 
 def python_env(cache: Path) -> dict[str, str]:
