@@ -219,7 +219,9 @@ class DiskObserver:
 
     def observe_states(self, containerd: ContainerdState, store: StoreState) -> DiskDrift:
         """:meth:`observe` with the layer paths a pass's observation holds."""
-        return self.observe(reported_layer_paths(containerd, store))
+        before = self.calls
+        drift = self.observe(reported_layer_paths(containerd, store))
+        return drift.model_copy(update={"calls": self.calls - before})
 
     def reclaimed(self, removed_bytes: int | None, drift: DiskDrift | None) -> int | None:
         """What a pass reclaimed on disk, from what containerd measured of the snapshots it

@@ -51,6 +51,8 @@ class DiskDrift(Record):
     #: Id-named folders beyond the snapshots containerd lists that could not be told
     #: apart from its own (no layer path names every snapshot's folder): counted, not named.
     unattributed: int = 0
+    #: ctr processes this look started (one listing per namespace: they share the folder).
+    calls: int = 0
 
     def by_reason(self) -> dict[str, tuple[int, int]]:
         """Folders and bytes per reason, every reason present (0, 0 when none)."""
