@@ -31,9 +31,8 @@ from controller.model.outcome import (
     Stuck,
 )
 from controller.model.plan import Kind, Mode, Plan, PlanOptions, Rule
-from controller.model.records import ContainerdState, History, Observation, TaskStatus, container_identity
+from controller.model.records import LIVE_TASKS, ContainerdState, History, Observation, container_identity
 
-_LIVE = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING, TaskStatus.CREATED})
 _DRIFT_OF_ACTION = {
     Kind.SNAPSHOT: "orphan_snapshots",
     Kind.CONTAINER: "leftover_containers",
@@ -79,7 +78,7 @@ def remember(history: History, containerd: ContainerdState, now: datetime) -> Hi
     task; containers that are gone are forgotten. Snapshots need no memory: their age
     is containerd's Created.
     """
-    live = {t.id for t in containerd.tasks if t.status in _LIVE}
+    live = {t.id for t in containerd.tasks if t.status in LIVE_TASKS}
     idle = {}
     for c in containerd.containers:
         if c.id not in live:
@@ -110,7 +109,7 @@ def one_pass(
         history = history.model_copy(update={"disk_looked_at": now})
     observation = Observation(store=store, containerd=containerd, history=history)
     dating = _Dating(ports.containerd)
-    plan = hold_what_they_may_use(plan_with_ages(observation, options.plan, now, mode, dating), containerd, unjudged)
+    plan = plan_with_ages(observation, options.plan, now, mode, dating)
     unjudged.update(dating.undated)
     orphans = [*plan.snapshots, *plan.deferred]
     sizes = (ports.containerd.usage(orphans) if orphans else {}) if options.measure_bytes else None
@@ -349,41 +348,6 @@ def backlogs(
             stuck=stuck_by[kind],
         )
     return out
-
-
-def hold_what_they_may_use(plan: Plan, containerd: ContainerdState, unjudged: Mapping[str, str]) -> Plan:
-    """Keep what containers we could not inspect may use: the snapshot ``ctr run`` names after the
-    container, and its ancestors; and, while such a container's task is live, every layer (it may
-    run on any). Everything else in the plan goes ahead: one such container stops no other removal."""
-    if not unjudged:
-        return plan
-    parent_of = {s.key: s.parent for s in containerd.snapshots}
-    live = sorted({t.id for t in containerd.tasks if t.status in _LIVE} & unjudged.keys())
-    held: dict[str, str] = {}
-    if live:
-        why = f"container {live[0]} could not be inspected and its task is live: it may run on any layer"
-        held.update(dict.fromkeys((*plan.snapshots, *plan.deferred), why))
-    for cid in sorted(unjudged):
-        key: str | None = cid
-        while key is not None and key in parent_of and key not in held:
-            held[key] = f"container {cid} could not be inspected: it may use snapshot {cid} and its ancestors"
-            key = parent_of[key]
-    if not held.keys() & plan.snapshot_reasons.keys():
-        return plan
-    levels = tuple(kept for level in plan.snapshot_levels if (kept := tuple(k for k in level if k not in held)))
-    return plan.model_copy(
-        update={
-            "snapshot_levels": levels,
-            "deferred": tuple(k for k in plan.deferred if k not in held),
-            "snapshot_reasons": {k: r for k, r in plan.snapshot_reasons.items() if k not in held},
-            "snapshot_keeps": {
-                **plan.snapshot_keeps,
-                **{k: (Rule.CONTAINER, why) for k, why in held.items() if k in plan.snapshot_reasons},
-            },
-            # A result-tmp/ entry goes only after its snapshots: it is the record of which one it used.
-            "tmp_entries": tuple(t for t in plan.tmp_entries if not held.keys() & set(t.after)),
-        }
-    )
 
 
 def error_report(

@@ -38,7 +38,7 @@ from controller.model.plan import (
     StoreDrift,
     TmpRemoval,
 )
-from controller.model.records import Container, Observation, StoreEntry, TaskStatus, container_identity
+from controller.model.records import LIVE_TASKS, Container, Observation, StoreEntry, TaskStatus, container_identity
 
 #: Which rule explains a snapshot that several keep: the first of these that claims it.
 KEEP_PRIORITY: tuple[Rule, ...] = (
@@ -54,7 +54,6 @@ KEEP_PRIORITY: tuple[Rule, ...] = (
 _RANK = {rule: n for n, rule in enumerate(KEEP_PRIORITY)}
 
 _WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:|\\\\)|\\")
-_LIVE_TASK = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING, TaskStatus.CREATED})
 _ORPHAN = (
     "no result/ entry names it, no live build, no protection rule matches, "
     "no kept container uses it, and nothing kept descends from it"
@@ -200,6 +199,30 @@ def keep_young(w: _World, kept: set[str], unaged: list[str]) -> Iterator[Claim]:
             yield Claim(k, Rule.GRACE, f"created {_age(w.now - created)} ago, less than gracePeriod {grace}")
 
 
+def keep_what_uninspectable_containers_may_use(w: _World, kept: set[str]) -> Iterator[Claim]:
+    """A container ctr could not describe cannot be judged, so what it may use stays: the snapshot
+    ``ctr run`` names after it, with its ancestors; and while its task is live, every layer (it
+    may run on any). Applied last, to what nothing else keeps: one such container explains no
+    other keep and stops no other removal."""
+    cd = w.observation.containerd
+    if not cd.uninspectable:
+        return
+    live = sorted({t.id for t in cd.tasks if t.status in LIVE_TASKS} & cd.uninspectable.keys())
+    if live:
+        why = f"container {live[0]} could not be inspected and its task is live: it may run on any layer"
+        for k in sorted(w.owned - kept):
+            yield Claim(k, Rule.CONTAINER, why)
+        return
+    claimed = set(kept)
+    for cid in sorted(cd.uninspectable):
+        why = f"container {cid} could not be inspected: it may use snapshot {cid} and its ancestors"
+        key: str | None = cid
+        while key is not None and key in w.parent_of and key not in claimed:
+            claimed.add(key)
+            yield Claim(key, Rule.CONTAINER, why)
+            key = w.parent_of[key]
+
+
 #: The rules that keep for good (grace keeps only for now, and comes last).
 RULES = (
     keep_what_kept_containers_use,
@@ -272,6 +295,10 @@ def _plan(observation: Observation, options: PlanOptions, now: datetime, mode: M
     if young:
         # Their ancestors too, up to the first one something else keeps (it has its reason already).
         kept.update(with_ancestors(young, {k: p for k, p in parent_of.items() if p not in kept}, owned))
+    held = merge(keep_what_uninspectable_containers_may_use(w, set(kept)), owned)
+    kept.update(held)
+    # A result-tmp/ entry goes only after its snapshots: it is the record of which one it used.
+    tmp_removals = [t for t in tmp_removals if not held.keys() & set(t.after)]
 
     orphans = owned - kept.keys()
     levels = _levels_leaves_first(orphans, Counter(parent_of.values()), parent_of)
@@ -447,7 +474,7 @@ def _judge_container(
             Rule.LEFTOVER,
             f"boot: the worker is not running, so this container ({task}) is left over from an interrupted build",
         )
-    if status in _LIVE_TASK:
+    if status in LIVE_TASKS:
         age = now - c.created_at if c.created_at else None
         if options.max_task_age is not None and age is not None and age > options.max_task_age:
             return Rule.LEFTOVER, f"{task} for {age}, longer than maxTaskAge {options.max_task_age}"

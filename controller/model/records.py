@@ -86,6 +86,10 @@ class TaskStatus(StrEnum):
     ABSENT = "ABSENT"
 
 
+#: A task in one of these is a build under way: its container is never idle.
+LIVE_TASKS = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.PAUSING, TaskStatus.CREATED})
+
+
 class Snapshot(Record):
     key: str
     parent: str | None = None
