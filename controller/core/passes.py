@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from controller.core.executor import PassResult, execute
 from controller.core.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
@@ -250,11 +251,36 @@ def _collect_garbage(containerd: ContainerdPort) -> Result:
         return Result(Outcome.FAILED, str(e))
 
 
+_V = TypeVar("_V")
+
+
+def _key_by_key(
+    keys: Sequence[str], ask: Callable[[Sequence[str]], dict[str, _V]], failed: Callable[[str, CtrError], None]
+) -> dict[str, _V]:
+    """Ask about all keys at once; when ctr fails, ask key by key, so a key containerd cannot
+    answer for fails that key alone (``failed``), not the pass. A timeout is not one key's
+    failure but containerd's: it still fails the pass (asking key by key would wait once a key)."""
+    try:
+        return ask(keys)
+    except CtrTimeoutError:
+        raise
+    except CtrError:
+        pass
+    out: dict[str, _V] = {}
+    for key in keys:
+        try:
+            out.update(ask([key]))
+        except CtrTimeoutError:
+            raise
+        except CtrError as e:
+            failed(key, e)
+    return out
+
+
 class _Dating:
     """The ages a plan asks for, where one snapshot containerd cannot date (``snapshots info`` fails
-    for it alone) fails that snapshot, not the pass: it stays undated, so kept with its ancestors
-    (the planner keeps what it could not date), and is reported. A timeout is not one snapshot's
-    failure but containerd's: it still fails the pass (asking key by key would wait once a key)."""
+    for it alone) stays undated, so kept with its ancestors (the planner keeps what it could not
+    date), and is reported."""
 
     def __init__(self, source: ContainerdPort) -> None:
         self.source = source
@@ -263,48 +289,26 @@ class _Dating:
         self.dated: dict[str, datetime | None] = {}
 
     def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
-        out = self._ask(keys)
-        self.dated.update(out)
-        return out
+        def undated(key: str, error: CtrError) -> None:
+            self.undated[key] = str(error)
 
-    def _ask(self, keys: Sequence[str]) -> dict[str, datetime | None]:
-        try:
-            return self.source.snapshot_created(keys)
-        except CtrTimeoutError:
-            raise
-        except CtrError:
-            pass
-        out: dict[str, datetime | None] = {}
-        for key in keys:
-            try:
-                out.update(self.source.snapshot_created([key]))
-            except CtrTimeoutError:
-                raise
-            except CtrError as e:
-                self.undated[key] = str(e)
+        out = _key_by_key(keys, self.source.snapshot_created, undated)
+        self.dated.update(out)
         return out
 
 
 class _KeyByKeyGuard(RemovalGuard):
     """The last look before a batch's removal, where a key containerd cannot date at that moment
-    fails that key (not removed, reported with why), not the pass; a timeout still fails the pass."""
+    fails that key (not removed, reported with why), not the pass."""
 
     def check(self, plan: Plan, keys: Sequence[str]) -> dict[str, Result]:
-        try:
-            return super().check(plan, keys)
-        except CtrTimeoutError:
-            raise
-        except CtrError:
-            pass
-        out: dict[str, Result] = {}
-        for key in keys:
-            try:
-                out.update(super().check(plan, [key]))
-            except CtrTimeoutError:
-                raise
-            except CtrError as e:
-                out[key] = Result(Outcome.FAILED, f"could not look at it again right before its removal: {e}")
-        return out
+        failures: dict[str, Result] = {}
+
+        def failed(key: str, error: CtrError) -> None:
+            failures[key] = Result(Outcome.FAILED, f"could not look at it again right before its removal: {error}")
+
+        check = super().check
+        return {**_key_by_key(keys, lambda part: check(plan, part), failed), **failures}
 
 
 def backlogs(
