@@ -131,8 +131,6 @@ def execute(
         if parent is not None:
             blocked[parent] = (key, outcome)
 
-    # 1 and 2. Leftover containers, and meanwhile every orphan level no container uses:
-    #    the containers pin only what they run on (and its ancestors), which waits.
     def wait_for_stayed_containers(levels: Sequence[Sequence[str]]) -> list[list[str]]:
         """A container that is still there still holds what it runs on (on Windows its compute
         system keeps the layer folders open): that, and its ancestors, wait for a later pass."""
@@ -156,6 +154,8 @@ def execute(
             out_levels.append(keep)
         return out_levels
 
+    # 1 and 2. Leftover containers, and meanwhile every orphan level no container uses:
+    #    the containers pin only what they run on (and its ancestors), which waits.
     if plan.containers and plan.containers_first:
         remove_containers()
         remove_levels(wait_for_stayed_containers(plan.snapshot_levels))
