@@ -81,8 +81,7 @@ def test_metrics_health_and_status_of_a_running_daemon(
     )
     daemon = DaemonProcess(cd, world.root, policy, tmp_path / "daemon.log")
     try:
-        port = daemon.wait_for(r"serving /metrics.* on 127\.0\.0\.1:(\d+)", timeout=30).group(1)
-        base_url = f"http://127.0.0.1:{port}"
+        base_url = daemon.served_at()
         until(lambda: get(base_url + "/readyz")[0] == 200, what="/readyz")
         until(lambda: not set(orphans) & set(cd.snapshot_keys("ops")), what="the orphans to go")
         daemon.wait_for(r"pass 2 ", timeout=30)  # a pass after the removal
@@ -297,8 +296,7 @@ def test_orphans_waiting_out_their_grace_period_show_as_a_gauge_then_fall_to_zer
     )
     daemon = DaemonProcess(containerd, world.root, policy, tmp_path / "daemon.log")
     try:
-        port = daemon.wait_for(r"serving /metrics.* on 127\.0\.0\.1:(\d+)", timeout=30).group(1)
-        url = f"http://127.0.0.1:{port}/metrics"
+        url = daemon.served_at() + "/metrics"
         daemon.wait_for(r"pass 1 ")
         orphans = world.orphan_chain(base, "leak", 3)  # a leak: three snapshots nothing names
         seen: list[float] = []

@@ -34,6 +34,12 @@ class DaemonProcess:
             time.sleep(0.05)
         raise AssertionError(f"{pattern!r} not in the daemon's log:\n{self.text()}")
 
+    def served_at(self, timeout: float = 30) -> str:
+        """The base URL of its /metrics, /healthz and /readyz, once it says where it serves them
+        (a policy with ``metrics.address`` on port 0 lets the system pick a free one)."""
+        port = self.wait_for(r"serving /metrics.* on 127\.0\.0\.1:(\d+)", timeout=timeout).group(1)
+        return f"http://127.0.0.1:{port}"
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
