@@ -42,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.support.cli import installed_env  # noqa: E402
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd  # noqa: E402
 from tests.support.world import World  # noqa: E402
 
@@ -134,13 +135,6 @@ PHASES: dict[int, list[tuple[float, float, float]]] = {}
 _PASS_SECONDS = re.compile(r" INFO pass 1 \(boot\): .* ctr calls, ([\d.]+) s", re.M)
 
 
-def python_env(cache: Path) -> dict[str, str]:
-    """Run the command as an installed package runs: its bytecode cached, not compiled at each start."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(cache)
-    return env
-
-
 def reconcile(world: World, parallel: int | None, orphans: int = 0) -> tuple[int, dict[str, object]]:
     """``reconcile --once``; ``parallel`` None keeps the policy's default degree."""
     limits = "" if parallel is None else f"  limits: {{parallelism: {parallel}}}\n"
@@ -151,7 +145,7 @@ def reconcile(world: World, parallel: int | None, orphans: int = 0) -> tuple[int
     )
     argv = [sys.executable, "-m", "controller", "--once", "--force", "--json", "--policy", str(policy),
             "--store", str(world.root), "--address", world.cd.address]  # fmt: skip
-    env = python_env(world.root.parent / "pycache")
+    env = installed_env(world.root.parent / "pycache")
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=REPO, env=env)
     wall = time.perf_counter() - t0
@@ -289,7 +283,7 @@ def main() -> int:
         folders = cd.base / "root" / f"io.containerd.snapshotter.v1.{SNAPSHOTTER}" / "snapshots"
         # Bytecode written once, as an installed package has it.
         subprocess.run([sys.executable, "-c", "import controller.commands"], check=True, cwd=REPO,
-                       env=python_env(world.root.parent / "pycache"))  # fmt: skip
+                       env=installed_env(world.root.parent / "pycache"))  # fmt: skip
         print(f"removal: snapshotter {SNAPSHOTTER}, {args.containers} leaked containers (tasks running), "
               f"{len(kept)} kept snapshots, medians of {args.repeat} rounds rotating the first method")  # fmt: skip
         print(f"{'orphans':>8}  {'method':<26}{'returned s':>11}{'disk back s':>12}{'ctr calls':>10}")

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sqlite3
 import statistics
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from controller.adapters.store import FsStore, observe_store  # noqa: E402
+from tests.support.cli import installed_env  # noqa: E402
 from tests.support.world import create_store, layerinfo_text  # noqa: E402
 
 
@@ -61,8 +61,7 @@ def median_time(fn: Callable[[], object], rounds: int) -> float:
 
 def process_times(commands: dict[str, list[str]], rounds: int, cache: Path) -> dict[str, float]:
     """Median wall time of each command; each round starts with a different one."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(cache)
+    env = installed_env(cache)
     names = list(commands)
     for name in names:  # writes the bytecode cache
         subprocess.run(commands[name], capture_output=True, check=True, env=env, cwd=REPO)
