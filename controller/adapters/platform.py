@@ -413,19 +413,22 @@ def remove_tree(path: str, *, ops: FileOps | None = None, sleep: Callable[[float
     def is_mounted(folder: str) -> bool:
         if mounted is None:
             return os.path.ismount(folder)
-        real = os.path.join(real_top, os.path.relpath(folder, top)) if folder != top else real_top
-        return bool(mounted) and os.path.normpath(real) in mounted
+        return bool(mounted) and os.path.normpath(os.path.join(real_top, os.path.relpath(folder, top))) in mounted
+
+    def failed(target: str, error: OSError) -> None:
+        """The first error is raised at the end; the folders above what failed stay."""
+        nonlocal first
+        first = first or error
+        parent = os.path.dirname(target)
+        while parent.startswith(top) and parent not in kept:
+            kept.add(parent)
+            parent = os.path.dirname(parent)
 
     def attempt(target: str, kind: EntryKind) -> None:
-        nonlocal first
         try:
             _remove_one(ops, target, kind, top, sleep)
         except OSError as e:
-            first = first or e
-            parent = os.path.dirname(target)
-            while parent.startswith(top) and parent not in kept:
-                kept.add(parent)
-                parent = os.path.dirname(parent)
+            failed(target, e)
 
     # Iterative, children before their folder: trees can be deeper than Python's recursion.
     stack: list[tuple[str, bool]] = [(top, False)]
@@ -436,13 +439,8 @@ def remove_tree(path: str, *, ops: FileOps | None = None, sleep: Callable[[float
                 attempt(folder, "dir")
             continue
         if is_mounted(folder):
-            refused = OSError(errno.EBUSY, "a file system is mounted here; not crossed: unmount it", folder)
-            first = first or refused
-            parent = os.path.dirname(folder)
             kept.add(folder)
-            while parent.startswith(top) and parent not in kept:
-                kept.add(parent)
-                parent = os.path.dirname(parent)
+            failed(folder, OSError(errno.EBUSY, "a file system is mounted here; not crossed: unmount it", folder))
             continue
         stack.append((folder, True))
         try:
