@@ -8,8 +8,9 @@ Each keep rule is a small function that claims snapshot keys, each claim a
 ``(key, rule, reason)``. The claims are merged by :data:`KEEP_PRIORITY`: when several
 rules keep one snapshot, the one earliest in that tuple explains it, whatever order
 the rules run in, so ``--explain`` gives one answer. The ancestors of everything kept
-are kept (:attr:`Rule.ANCESTOR`); grace applies last, to what nothing else keeps, so
-only those snapshots are asked their age.
+are kept (:attr:`Rule.ANCESTOR`); grace applies after them, to what nothing else keeps, so
+only those snapshots are asked their age; then what a container ctr could not describe may
+use, to what even grace does not keep.
 """
 
 from __future__ import annotations
