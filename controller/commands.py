@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -114,14 +115,10 @@ def check_store_ready(root: Path) -> None:
     check_store(root, read_the_db=True)
 
 
-def wait_for_containerd(settings: Settings, seconds: float, *, sleep: Callable[[float], None] | None = None) -> None:
+def wait_for_containerd(settings: Settings, seconds: float, *, sleep: Callable[[float], None] = time.sleep) -> None:
     logging.getLogger("reconcile").info("waiting up to %gs for containerd at %s", seconds, settings.ctr.address)
-    ctr = Ctr(settings.ctr)
     try:
-        if sleep is None:
-            ctr.wait_until_up(seconds)
-        else:
-            ctr.wait_until_up(seconds, sleep=sleep)
+        Ctr(settings.ctr).wait_until_up(seconds, sleep=sleep)
     except CtrError as e:
         raise ContainerdUnreachableError(f"containerd at {settings.ctr.address}: {e}") from e
 
