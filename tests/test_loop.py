@@ -22,7 +22,7 @@ from controller.model.errors import CtrError
 from controller.model.outcome import PassReport
 from controller.model.plan import Mode, PlanOptions
 from controller.model.records import ContainerdState, StoreState
-from tests.support.fake import FakeContainerd, FakeStore
+from tests.support.fake import FakeContainerd, FakeStore, watched
 
 BASE = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 GRACE = timedelta(minutes=10)
@@ -33,6 +33,9 @@ class VirtualClock:
 
     def now(self) -> datetime:
         return BASE + timedelta(seconds=anyio.current_time())
+
+    def monotonic(self) -> float:
+        return anyio.current_time()
 
 
 class Recorder(Reporter):
@@ -90,6 +93,7 @@ def test_passes_follow_each_other_at_once_while_they_remove_and_then_wait_an_int
     old = BASE - timedelta(days=1)
     fake = FakeContainerd(parents=dict(chain), created=dict.fromkeys(chain, old))
     loop, seen = loop_on(fake, interval=timedelta(minutes=5), limit=2)
+    loop.history = watched(fake, 86_400)  # a daemon that has watched them for a day
 
     async def main() -> None:
         await until(loop, lambda: len(seen.reports) >= 5)
@@ -142,6 +146,7 @@ def test_a_failing_pass_is_reported_backs_off_and_the_loop_recovers() -> None:
 
     fake = Flaky(parents={"obuilder-old": None}, created={"obuilder-old": BASE - timedelta(days=1)})
     loop, seen = loop_on(fake)
+    loop.history = watched(fake, 86_400)
 
     async def main() -> None:
         await until(loop, lambda: "obuilder-old" not in fake.parents)

@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
+from controller.core.ages import entry_stamp, stamp_of, watch_clock
 from controller.core.loop import Loop
 from controller.core.passes import PassOptions, one_pass, remember, run_once
 from controller.core.ports import Reporter
@@ -26,9 +27,9 @@ from controller.model.records import (
     StoreState,
     Task,
     TaskStatus,
-    container_identity,
+    Watch,
 )
-from tests.support.fake import FakeClock, FakeContainerd, FakeStore, fake_ports
+from tests.support.fake import FakeClock, FakeContainerd, FakeStore, fake_ports, watched
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 OLD = NOW - timedelta(days=3)
@@ -80,6 +81,7 @@ def test_both_modes_produce_the_same_report_and_the_same_events_for_the_same_wor
         return fn()  # type: ignore[no-any-return]
 
     loop = Loop(ports, PassOptions(PlanOptions(), Mode.DAEMON), timedelta(hours=1), run_sync=inline)
+    loop.history = watched(daemon_world, 86_400)  # a daemon that has watched the orphans for a day
 
     async def one_daemon_pass() -> None:
         async with anyio.create_task_group() as tg:
@@ -95,22 +97,28 @@ def test_both_modes_produce_the_same_report_and_the_same_events_for_the_same_wor
     assert boot_world.parents == daemon_world.parents == {}
 
 
-def test_history_remembers_idle_containers_by_identity_and_forgets_what_went() -> None:
-    t0 = NOW
-    made = t0 - timedelta(hours=1)
+def test_history_watches_containers_by_identity_and_state_and_forgets_what_went() -> None:
+    made = NOW - timedelta(hours=1)
+    empty = StoreState(root="/s")
     run1, run2 = Container(id="run-1", created_at=made), Container(id="run-2", created_at=made)
     state = ContainerdState(
         containers=(run1, run2),
         tasks=(Task(id="run-1", status=TaskStatus.RUNNING), Task(id="run-2", status=TaskStatus.STOPPED)),
     )
-    h = remember(History(), state, t0)
-    later = t0 + timedelta(minutes=1)
-    # run-2 was removed and a new container took its id (obuilder-run-N ids repeat).
+    h = remember(History(), state, empty, watch_clock(None, NOW, 0.0))
+    assert h.live_containers == {"run-1": Watch(stamp=stamp_of(made))}
+    assert h.idle_containers == {"run-2": Watch(stamp=stamp_of(made))}
+    later = NOW + timedelta(minutes=1)
+    # run-1's task stopped; run-2 was removed and a new container took its id (obuilder-run-N ids repeat).
     run2_again = Container(id="run-2", created_at=later)
     state2 = ContainerdState(containers=(run1, run2_again), tasks=(Task(id="run-1", status=TaskStatus.STOPPED),))
-    h2 = remember(h, state2, later)
-    assert h2.containers_idle_since == {container_identity(run1): later, container_identity(run2_again): later}
-    assert remember(h2, state2, later + timedelta(minutes=5)) == h2, "idle since the first look, not the last"
+    h2 = remember(h, state2, empty, watch_clock(h.clock, later, 60.0))
+    assert h2.idle_containers == {"run-1": Watch(stamp=stamp_of(made)), "run-2": Watch(stamp=stamp_of(later))}
+    assert h2.live_containers == {}, "a container whose task stopped is no longer watched running"
+    h3 = remember(h2, state2, empty, watch_clock(h2.clock, later + timedelta(minutes=5), 360.0))
+    assert {k: w.seconds for k, w in h3.idle_containers.items()} == {"run-1": 300, "run-2": 300}, (
+        "idle since the first look, not the last"
+    )
 
 
 def test_a_dry_run_changes_nothing_and_tells_no_reporter_it_acted() -> None:
@@ -201,7 +209,7 @@ def test_a_container_ctr_cannot_describe_keeps_what_it_may_use_and_everything_el
         run = run_once(fake_ports(fake, store), options)
         report, stuck, code = run.last, run.stuck, run.exit_code
     else:
-        report = one_pass(fake_ports(fake, store), options, History(), 1)
+        report = one_pass(fake_ports(fake, store), options, watched(fake, 86_400), 1)
         stuck, code = report.stuck, None
     assert set(fake.parents) == {"obuilder-under", "obuilder-run-9"}, "the independent orphans did not all go"
     assert [(s.kind, s.name) for s in stuck] == [(Kind.CONTAINER, "obuilder-run-9")]
@@ -215,7 +223,8 @@ def test_while_a_container_ctr_cannot_describe_runs_no_layer_goes() -> None:
     fake = UninspectableContainerd({"obuilder-run-9": TaskStatus.RUNNING}, **vars(orphan_world()))
     before = set(fake.parents)
     store = FakeStore(FakeStore.empty())
-    report = one_pass(fake_ports(fake, store), PassOptions(plan=PlanOptions(), mode=Mode.DAEMON), History(), 1)
+    daemon = PassOptions(plan=PlanOptions(), mode=Mode.DAEMON)
+    report = one_pass(fake_ports(fake, store), daemon, watched(fake, 86_400), 1)
     assert set(fake.parents) == before
     assert report.planned_total == 0 and [s.name for s in report.stuck] == ["obuilder-run-9"]
     assert report.plan is not None
@@ -231,7 +240,8 @@ def test_a_snapshot_containerd_cannot_date_is_kept_with_its_ancestors_and_everyt
 
     fake = Undatable(**vars(orphan_world()))
     store = FakeStore(FakeStore.empty())
-    report = one_pass(fake_ports(fake, store), PassOptions(plan=PlanOptions(), mode=Mode.DAEMON), History(), 1)
+    daemon = PassOptions(plan=PlanOptions(), mode=Mode.DAEMON)
+    report = one_pass(fake_ports(fake, store), daemon, watched(fake, 86_400), 1)
     assert set(fake.parents) == {"obuilder-a-committed", "obuilder-b"}
     assert [(s.kind, s.name) for s in report.stuck] == [(Kind.SNAPSHOT, "obuilder-b")]
     assert "could not date it" in report.stuck[0].reason and "bad wire type" in report.stuck[0].reason
@@ -249,9 +259,19 @@ def test_the_backlog_of_each_kind_says_what_waits_until_when_what_is_held_back_a
     options = PlanOptions(
         grace_period=timedelta(seconds=60), stale_after=timedelta(seconds=600), max_deletions_per_pass=2
     )
-    idle = History(containers_idle_since={container_identity(fake.containers["obuilder-run-1"]): NOW})
+    # The daemon has watched each snapshot since it was made (the old ones for a day), the
+    # container since it went idle (just now), the entry since it last changed.
+    idle = History(
+        snapshots={
+            **{k: Watch(stamp=stamp_of(c), seconds=(NOW - c).total_seconds()) for k, c in young.items()},
+            **{k: Watch(stamp=stamp_of(OLD), seconds=86_400) for k in old},
+        },
+        idle_containers={"obuilder-run-1": Watch(stamp=stamp_of(OLD))},
+        tmp_entries={"fresh": Watch(stamp=entry_stamp(fresh), seconds=30)},
+    )
     events = Events()
-    report = one_pass(fake_ports(fake, store, reporter=events), PassOptions(plan=options, mode=Mode.DAEMON), idle, 1)
+    ports = fake_ports(fake, store, FakeClock(NOW), reporter=events)
+    report = one_pass(ports, PassOptions(plan=options, mode=Mode.DAEMON), idle, 1)
     b = report.backlogs
     # The oldest young one (30 s old) is eligible in 30 s; the container 60 s after it went idle.
     assert b["snapshot"] == Backlog(
@@ -282,7 +302,8 @@ def test_a_snapshot_containerd_cannot_date_right_before_its_removal_stays_and_th
 
     fake = FailsOnSecondLook(**vars(orphan_world()))
     store = FakeStore(FakeStore.empty())
-    report = one_pass(fake_ports(fake, store), PassOptions(plan=PlanOptions(), mode=Mode.DAEMON), History(), 1)
+    daemon = PassOptions(plan=PlanOptions(), mode=Mode.DAEMON)
+    report = one_pass(fake_ports(fake, store), daemon, watched(fake, 86_400), 1)
     assert set(fake.parents) == {"obuilder-o1"}
     assert [s.name for s in report.stuck] == ["obuilder-o1"]
     assert "could not look at it again right before its removal" in report.stuck[0].reason

@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.core.ages import entry_stamp, stamp_of
 from controller.core.passes import PassOptions, run_once
 from controller.core.planner import plan
 from controller.model.plan import Mode, PlanOptions
@@ -22,7 +23,7 @@ from controller.model.records import (
     StoreState,
     Task,
     TaskStatus,
-    container_identity,
+    Watch,
 )
 from tests.support.fake import FakeClock, FakeContainerd, FakeStore, fake_ports
 
@@ -53,7 +54,7 @@ def worlds(draw: st.DrawFn) -> tuple[Observation, PlanOptions, Mode]:
         build = key.removesuffix("-committed").removeprefix("obuilder-")
         info = LayerInfo(snapshot_key=key.removesuffix("-committed"), source=f"/snap/{build}", parent_layer_paths=())
         when = NOW - draw(st.sampled_from([timedelta(0), timedelta(days=1)]))
-        return StoreEntry(id=build, area=area, layerinfo=info, changed_at=when)
+        return StoreEntry(id=build, area=area, layerinfo=info, changed_at=when, stamps=f"stamps-{build}")
 
     picked = draw(st.lists(st.sampled_from(committed), unique=True)) if committed else []
     results = [entry("result", k) for k in picked]
@@ -73,8 +74,22 @@ def worlds(draw: st.DrawFn) -> tuple[Observation, PlanOptions, Mode]:
     old, new = NOW - timedelta(days=1), NOW - timedelta(seconds=5)
     # containerd's Created; None: not read yet (the daemon reads it before removing).
     created = {k: draw(st.sampled_from([old, new, None])) for k in owned}
+
+
+    def watch(stamp: str, stamped_at: datetime | None) -> Watch:
+        """What the daemon may have watched: never longer than the object has been (a watch under
+        another stamp was another object's, of any length)."""
+        if draw(st.booleans()):
+            return Watch(stamp="another", seconds=draw(st.sampled_from([0.0, 5.0, 86_400.0])))
+        longest = (NOW - stamped_at).total_seconds() if stamped_at is not None else 86_400.0
+        seconds = draw(st.sampled_from([0.0, 5.0, 700.0, 86_400.0]).filter(lambda s: s <= longest))
+        return Watch(stamp=stamp, seconds=seconds)
+
     history = History(
-        containers_idle_since={container_identity(c): draw(st.sampled_from([old, new])) for c in containers},
+        snapshots={k: watch(stamp_of(created.get(k) or old), created.get(k)) for k in owned if draw(st.booleans())},
+        idle_containers={c.id: watch(stamp_of(c.created_at), None) for c in containers},
+        live_containers={c.id: watch(stamp_of(c.created_at), c.created_at) for c in containers},
+        tmp_entries={e.id: watch(entry_stamp(e), e.changed_at) for e in tmp},
     )
     protect = tuple(draw(st.lists(st.sampled_from(["obuilder-base-*", "obuilder-s1*", "nothing-*"]), max_size=2)))
     observation = Observation(
@@ -89,6 +104,10 @@ def worlds(draw: st.DrawFn) -> tuple[Observation, PlanOptions, Mode]:
     return observation, OPTIONS.model_copy(update={"protect_keys": protect}), draw(st.sampled_from(list(Mode)))
 
 
+def _watched(watch: Watch | None, stamp: str) -> timedelta:
+    return timedelta(seconds=watch.seconds) if watch is not None and watch.stamp == stamp else timedelta(0)
+
+
 def must_keep(obs: Observation, options: PlanOptions, mode: Mode) -> set[str]:
     """Kept for reasons simple enough to state here, with every ancestor of them."""
     parents = {s.key: s.parent for s in obs.containerd.snapshots}
@@ -100,10 +119,19 @@ def must_keep(obs: Observation, options: PlanOptions, mode: Mode) -> set[str]:
     if mode is Mode.DAEMON:
         # Beside a live worker an unreadable layerinfo may be one being written.
         roots |= {"obuilder-broken", "obuilder-broken-committed"}
-        roots |= {s.key for s in obs.containerd.snapshots if s.key in owned and (s.created or NOW) > NOW - grace}
+        seen = obs.history.snapshots
+        roots |= {
+            s.key
+            for s in obs.containerd.snapshots
+            if s.key in owned and (s.created is None or _watched(seen.get(s.key), stamp_of(s.created)) < grace)
+        }
         running = {t.id for t in obs.containerd.tasks if t.status is TaskStatus.RUNNING}
         roots |= {c.snapshot_key for c in obs.containerd.containers if c.id in running and c.snapshot_key}
-        roots |= {e.layerinfo.snapshot_key for e in obs.store.tmp if e.layerinfo and e.changed_at == NOW}
+        roots |= {
+            e.layerinfo.snapshot_key
+            for e in obs.store.tmp
+            if e.layerinfo and _watched(obs.history.tmp_entries.get(e.id), entry_stamp(e)) < options.stale_after
+        }
     kept = set()
     for root in roots:
         key: str | None = root
@@ -129,6 +157,22 @@ def test_never_plans_a_kept_snapshot_an_ancestor_of_one_or_a_foreign_object(
         assert not removed & set(p.unaged), "a snapshot whose age is unknown is never removed"
         running = {t.id for t in obs.containerd.tasks if t.status is TaskStatus.RUNNING}
         assert not running & {c.id for c in p.containers}, "a live build is never disturbed"
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds(), st.sampled_from([60.0, 3_600.0, 7 * 3_600.0, 30 * 86_400.0]))
+def test_a_step_of_the_wall_clock_alone_removes_nothing_more(
+    world: tuple[Observation, PlanOptions, Mode], step: float
+) -> None:
+    """Rule: no age that decides a removal exceeds what the daemon watched on its monotonic clock.
+    A VM resumed or a time sync steps the wall clock forward, not containerd's stamps of what it
+    already made nor the daemon's watches: whatever the step, nothing goes that stayed before."""
+    obs, options, mode = world
+    before = plan(obs, options, NOW, mode)
+    after = plan(obs, options, NOW + timedelta(seconds=step), mode)
+    assert set(after.snapshots) <= set(before.snapshots) | set(before.deferred)
+    assert {c.id for c in after.containers} <= {c.id for c in before.containers}
+    assert {t.id for t in after.tmp_entries} <= {t.id for t in before.tmp_entries}
 
 
 @settings(max_examples=300, deadline=None)

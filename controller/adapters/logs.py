@@ -31,6 +31,7 @@ class LogReporter(Reporter):
             else:
                 log.warning("pass failed (%s); retrying in %.1f s", report.error, report.retry_in or 0)
             return
+        clock_lines(report)
         for s in report.unjudged:
             # Kept because it could not be judged: said every pass, as a failed removal is.
             log.warning(
@@ -77,6 +78,31 @@ class LogReporter(Reporter):
             result.outcome.value,
             result.message,
             extra={"kind": kind, "object": name, "outcome": result.outcome.value},
+        )
+
+
+def clock_lines(report: PassReport) -> None:
+    """A step of the wall clock, once (the pass that saw it); stamps ahead of the clock, each pass
+    they are there (like a failed removal: something a human should look at)."""
+    clock = report.clock
+    if clock is None:
+        return
+    if clock.step is not None:
+        way = "forward" if clock.step > 0 else "back"
+        log.warning(
+            "the wall clock stepped %s by %.1f s since the last pass (%.1f s in all since start-up); ages that "
+            "decide a removal count only what this process watched on its monotonic clock, so no verdict changes",
+            way,
+            abs(clock.step),
+            clock.net_step,
+            extra={"clock_step": clock.step},
+        )
+    if clock.stamped_ahead:
+        log.warning(
+            "%d objects are stamped up to %.1f s ahead of the wall clock (it was set back, or another clock runs "
+            "ahead): kept until it catches up",
+            clock.stamped_ahead,
+            clock.most_ahead or 0.0,
         )
 
 

@@ -55,6 +55,20 @@ METRICS = {
         "not-a-snapshot, unclaimed), at the last look (once a resync interval).",
     ),
     "obuilder_reconcile_disk_unknown_bytes": ("gauge", "Bytes those folders hold, by reason."),
+    "obuilder_reconcile_clock_steps_total": (
+        "counter",
+        "Steps of the wall clock seen between two passes, by direction (forward, backward). Ages that decide a "
+        "removal are bounded by what the daemon watched on its monotonic clock, so a step changes no verdict.",
+    ),
+    "obuilder_reconcile_clock_step_seconds": (
+        "gauge",
+        "Every step of the wall clock seen since the daemon started, added up (seconds, forward positive).",
+    ),
+    "obuilder_reconcile_stamped_ahead_objects": (
+        "gauge",
+        "Objects whose stamp (containerd's Created, an mtime) lies ahead of the wall clock at the last pass: "
+        "kept until the clock catches up.",
+    ),
 }
 
 
@@ -128,6 +142,17 @@ class Metrics(Reporter):
             ["reason"],
             registry=r,
         )
+        self.clock_steps = Counter(
+            "obuilder_reconcile_clock_steps", help_of("obuilder_reconcile_clock_steps_total"), ["direction"], registry=r
+        )
+        self.clock_step = Gauge(
+            "obuilder_reconcile_clock_step_seconds", help_of("obuilder_reconcile_clock_step_seconds"), registry=r
+        )
+        self.stamped_ahead = Gauge(
+            "obuilder_reconcile_stamped_ahead_objects", help_of("obuilder_reconcile_stamped_ahead_objects"), registry=r
+        )
+        for direction in ("forward", "backward"):
+            self.clock_steps.labels(direction)
         for unknown in UNKNOWN_REASONS:
             self.disk_folders.labels(unknown)
             self.disk_bytes.labels(unknown)
@@ -179,6 +204,12 @@ class Metrics(Reporter):
             self.orphan_bytes.set(status.orphan_bytes)
         if status.reclaimed_bytes:
             self.reclaimed_bytes.inc(status.reclaimed_bytes)
+        clock = status.clock
+        if clock is not None:
+            if clock.step is not None:
+                self.clock_steps.labels("forward" if clock.step > 0 else "backward").inc()
+            self.clock_step.set(clock.net_step)
+            self.stamped_ahead.set(clock.stamped_ahead)
         disk = status.disk
         if disk is not None and disk.folder is not None and disk.error is None:
             for why, (folders, size) in disk.by_reason().items():

@@ -6,6 +6,7 @@ writes it; entries that are symlinks or junctions are recorded, never followed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import stat
@@ -303,22 +304,34 @@ def _read_entry(path: Path, area: str, st: os.stat_result) -> StoreEntry | None:
         fields["layerinfo_path"] = str(candidate)
         break
     if area == "result-tmp":
-        fields["changed_at"] = _newest_change(path, st)
+        fields["changed_at"], fields["stamps"] = _newest_change(path, st)
     return StoreEntry.model_validate(fields)
 
 
-def _newest_change(path: Path, st: os.stat_result) -> datetime:
-    # A build writes its log and layers here: the newest mtime near the top tells
-    # whether anything still happens, without walking a whole rootfs.
+def _newest_change(path: Path, st: os.stat_result) -> tuple[datetime, str]:
+    """The newest mtime near the top of an entry, and a digest of every stamp it was read from.
+
+    A build writes its log and layers here: the newest mtime near the top tells whether
+    anything still happens, without walking a whole rootfs. The digest changes with any
+    stamp (ctime too, which no one can set back), so a write whose mtime a stepped clock
+    made older than the newest one still counts as a change."""
     newest = st.st_mtime
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(_stamp_bytes("", st))
     for folder in (path, path / "rootfs"):
         try:
             with os.scandir(folder) as it:
-                for child in it:
-                    newest = max(newest, child.stat(follow_symlinks=False).st_mtime)
+                children = sorted((child.path, child.stat(follow_symlinks=False)) for child in it)
         except OSError:
             continue
-    return datetime.fromtimestamp(newest, tz=UTC)
+        for name, cst in children:
+            newest = max(newest, cst.st_mtime)
+            digest.update(_stamp_bytes(name, cst))
+    return datetime.fromtimestamp(newest, tz=UTC), digest.hexdigest()
+
+
+def _stamp_bytes(name: str, st: os.stat_result) -> bytes:
+    return f"{name}\0{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode(errors="surrogateescape")
 
 
 class FsStore:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
+from controller.core.ages import restamp, stamp_of
 from controller.core.planner import plan as make_plan
 from controller.model.outcome import Outcome, Result
 from controller.model.plan import Mode, Plan, PlanOptions
@@ -47,20 +48,31 @@ def build_id_of(key: str, prefix: str = "obuilder-") -> str | None:
     return rest.removeprefix("base-") or None
 
 
-def plan_with_ages(observation: Observation, options: PlanOptions, now: datetime, mode: Mode, ages: AgeSource) -> Plan:
-    """Plan; in daemon mode, read the Created of what only its unknown age keeps, and plan again."""
+def plan_with_ages(
+    observation: Observation, options: PlanOptions, now: datetime, mode: Mode, ages: AgeSource
+) -> tuple[Plan, Observation]:
+    """Plan; in daemon mode, read the Created of what only its unknown age keeps, and plan again.
+
+    Returns the plan and the observation it was made on: with the Created read, and the watch of
+    each snapshot whose Created differs from the one it was watched under started again (the
+    key was re-created: another snapshot)."""
     first = make_plan(observation, options, now, mode)
     if not first.unaged:
-        return first
+        return first, observation
     created = ages.snapshot_created(first.unaged)
     snapshots = tuple(
         s.model_copy(update={"created": created[s.key]}) if created.get(s.key) is not None else s
         for s in observation.containerd.snapshots
     )
+    history = observation.history
+    stamps = {key: stamp_of(when) for key, when in created.items() if when is not None}
     aged = observation.model_copy(
-        update={"containerd": observation.containerd.model_copy(update={"snapshots": snapshots})}
+        update={
+            "containerd": observation.containerd.model_copy(update={"snapshots": snapshots}),
+            "history": history.model_copy(update={"snapshots": restamp(history.snapshots, stamps)}),
+        }
     )
-    return make_plan(aged, options, now, mode)
+    return make_plan(aged, options, now, mode), aged
 
 
 class RemovalGuard:

@@ -69,6 +69,8 @@ class Loop:
         self.history = History()
         self.passes = 0
         self.last: PassReport | None = None
+        #: When the last pass ended, on the monotonic clock (readiness must not fail on a clock step).
+        self._last_at = 0.0
         #: Made when the loop runs (an event needs a running event loop).
         self._wake: anyio.Event | None = None
         #: Why the next pass runs, when something asked for it.
@@ -115,7 +117,7 @@ class Loop:
                 continue
             failures = 0
             self.history = report.history or self.history
-            self.last = report
+            self.last, self._last_at = report, self.ports.clock.monotonic()
             next_in = self._next_in(report)
 
     def _pass(self, why: str) -> PassReport:
@@ -146,7 +148,7 @@ class Loop:
                 "traceback": None if known else "".join(traceback.format_exception(error)),
             }
         )
-        self.last = report
+        self.last, self._last_at = report, self.ports.clock.monotonic()
         # A full disk must not stop the loop; the next pass reports again.
         with contextlib.suppress(OSError):
             self.ports.reporter.pass_finished(report)
@@ -158,7 +160,7 @@ class Loop:
             return False, "no pass has finished yet"
         if last.outcome != "success":
             return False, f"the last pass failed: {last.error}"
-        age = (self.ports.clock.now() - last.time).total_seconds()
+        age = self.ports.clock.monotonic() - self._last_at
         limit = 2 * self.interval.total_seconds()
         if age > limit:
             return False, f"the last successful pass ended {age:.0f} s ago (limit {limit:.0f} s)"

@@ -11,12 +11,13 @@ pass limit is reached.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+from controller.core import ages
 from controller.core.executor import PassResult, execute
 from controller.core.identity import RECHECK_BATCH, RemovalGuard, plan_with_ages
 from controller.core.ports import ContainerdPort, Ports
@@ -25,6 +26,7 @@ from controller.model.outcome import (
     BACKLOG_KINDS,
     ActionResult,
     Backlog,
+    ClockReport,
     Outcome,
     PassReport,
     Result,
@@ -32,7 +34,7 @@ from controller.model.outcome import (
     Stuck,
 )
 from controller.model.plan import Kind, Mode, Plan, PlanOptions, Rule
-from controller.model.records import LIVE_TASKS, ContainerdState, History, Observation, container_identity
+from controller.model.records import LIVE_TASKS, ContainerdState, History, Observation, StoreState
 
 _DRIFT_OF_ACTION = {
     Kind.SNAPSHOT: "orphan_snapshots",
@@ -63,29 +65,36 @@ class PassOptions:
 DISK_SETTLE = timedelta(seconds=60)
 
 
-def _disk_due(ports: Ports, options: PassOptions, history: History, now: datetime) -> bool:
+def _disk_due(ports: Ports, options: PassOptions, history: History, monotonic: float) -> bool:
     if ports.disk is None or options.disk_every is None:
         return False
     looked, removed = history.disk_looked_at, history.snapshots_removed_at
-    return (looked is None or now - looked >= options.disk_every) and (
-        removed is None or now - removed >= DISK_SETTLE
+    return (looked is None or monotonic - looked >= options.disk_every.total_seconds()) and (
+        removed is None or monotonic - removed >= DISK_SETTLE.total_seconds()
     )
 
 
-def remember(history: History, containerd: ContainerdState, now: datetime) -> History:
-    """The daemon's memory, brought up to date with one observation.
-
-    Since when each container (by id and creation time: ids repeat) has had no live
-    task; containers that are gone are forgotten. Snapshots need no memory: their age
-    is containerd's Created.
-    """
+def remember(history: History, containerd: ContainerdState, store: StoreState, clock: ages.ClockRead) -> History:
+    """The daemon's memory, brought up to date with one observation: how long this process has
+    watched each object in its present state (see controller.core.ages). What went is forgotten;
+    an object under a new stamp (ids and keys repeat) is watched from zero. A snapshot's Created
+    is read later in the pass, where it decides something (``plan_with_ages`` restamps)."""
     live = {t.id for t in containerd.tasks if t.status in LIVE_TASKS}
-    idle = {}
-    for c in containerd.containers:
-        if c.id not in live:
-            identity = container_identity(c)
-            idle[identity] = history.containers_idle_since.get(identity, now)
-    return history.model_copy(update={"containers_idle_since": idle})
+    idle_now = {c.id: ages.container_stamp(c) for c in containerd.containers if c.id not in live}
+    live_now = {c.id: ages.container_stamp(c) for c in containerd.containers if c.id in live}
+    snapshots_now: dict[str, str | None] = {
+        s.key: None if s.created is None else ages.stamp_of(s.created) for s in containerd.snapshots
+    }
+    elapsed = clock.elapsed
+    return history.model_copy(
+        update={
+            "clock": clock.clock,
+            "snapshots": ages.carry(history.snapshots, snapshots_now, elapsed),
+            "idle_containers": ages.carry(history.idle_containers, idle_now, elapsed),
+            "live_containers": ages.carry(history.live_containers, live_now, elapsed),
+            "tmp_entries": ages.carry(history.tmp_entries, {e.id: ages.entry_stamp(e) for e in store.tmp}, elapsed),
+        }
+    )
 
 
 def one_pass(
@@ -101,16 +110,18 @@ def one_pass(
     containerd = ports.containerd.observe()
     unjudged = dict(containerd.uninspectable)
     store = ports.store.observe()
-    now = ports.clock.now()
-    history = remember(history, containerd, now)
+    now, monotonic = ports.clock.now(), ports.clock.monotonic()
+    clock = ages.watch_clock(history.clock, now, monotonic)
+    history = remember(history, containerd, store, clock)
     disk = None
     disk_calls = ports.disk.calls if ports.disk is not None else 0
-    if ports.disk is not None and _disk_due(ports, options, history, now):
+    if ports.disk is not None and _disk_due(ports, options, history, monotonic):
         disk = ports.disk.observe_states(containerd, store)
-        history = history.model_copy(update={"disk_looked_at": now})
+        history = history.model_copy(update={"disk_looked_at": monotonic})
     observation = Observation(store=store, containerd=containerd, history=history)
     dating = _Dating(ports.containerd)
-    plan = plan_with_ages(observation, options.plan, now, mode, dating)
+    plan, observation = plan_with_ages(observation, options.plan, now, mode, dating)
+    history = observation.history
     unjudged.update(dating.undated)
     orphans = [*plan.snapshots, *plan.deferred]
     sizes = (ports.containerd.usage(orphans) if orphans else {}) if options.measure_bytes else None
@@ -132,7 +143,7 @@ def one_pass(
     ended = ports.clock.now()
     report = _report(plan, result, observation, number, options, ended, (ended - started).total_seconds(), sizes)
     if report.removed.get(Kind.SNAPSHOT.value):
-        history = history.model_copy(update={"snapshots_removed_at": ended})
+        history = history.model_copy(update={"snapshots_removed_at": ports.clock.monotonic()})
     kept = tuple(
         Stuck(kind=Kind.CONTAINER, name=name, reason=f"could not be inspected, so kept with what it may use: {why}")
         if name not in dating.undated
@@ -154,7 +165,8 @@ def one_pass(
             "unjudged": kept,
             "stuck": report.stuck + kept,
             "drift": {**report.drift, "stuck": report.drift.get("stuck", 0) + len(kept)},
-            "backlogs": backlogs(plan, observation, options.plan, now, dating.dated, report.stuck + kept),
+            "backlogs": backlogs(plan, now, report.stuck + kept),
+            "clock": clock_report(plan, clock),
         }
     )
     if not options.dry_run:
@@ -285,16 +297,12 @@ class _Dating:
     def __init__(self, source: ContainerdPort) -> None:
         self.source = source
         self.undated: dict[str, str] = {}
-        #: Every Created read, for when what waits becomes eligible.
-        self.dated: dict[str, datetime | None] = {}
 
     def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
         def undated(key: str, error: CtrError) -> None:
             self.undated[key] = str(error)
 
-        out = _key_by_key(keys, self.source.snapshot_created, undated)
-        self.dated.update(out)
-        return out
+        return _key_by_key(keys, self.source.snapshot_created, undated)
 
 
 class _KeyByKeyGuard(RemovalGuard):
@@ -311,47 +319,36 @@ class _KeyByKeyGuard(RemovalGuard):
         return {**_key_by_key(keys, lambda part: check(plan, part), failed), **failures}
 
 
-def backlogs(
-    plan: Plan,
-    observation: Observation,
-    options: PlanOptions,
-    now: datetime,
-    created: Mapping[str, datetime | None],
-    stuck: Sequence[Stuck],
-) -> dict[str, Backlog]:
+def backlogs(plan: Plan, now: datetime, stuck: Sequence[Stuck]) -> dict[str, Backlog]:
     """Per kind: planned, waiting (gracePeriod, staleAfter) and when the first is eligible, deferred
     (maxDeletionsPerPass), stuck. Only the daemon waits: at boot nothing is kept for now."""
     stuck_by = Counter(s.kind for s in stuck)
-    created = {**{s.key: s.created for s in observation.containerd.snapshots if s.created is not None}, **created}
-    waiting: dict[Kind, list[datetime | None]] = defaultdict(list)
-    for key, (rule, _) in plan.snapshot_keeps.items():
-        if rule is Rule.GRACE:
-            when = created.get(key)
-            waiting[Kind.SNAPSHOT].append(None if when is None else when + options.grace_period)
-    idle = observation.history.containers_idle_since
-    by_id = {c.id: c for c in observation.containerd.containers}
-    tmp = {e.id: e for e in observation.store.tmp}
-    for d in plan.decisions:
-        if d.kind is Kind.CONTAINER and d.rule is Rule.GRACE and d.name in by_id:
-            since = idle.get(container_identity(by_id[d.name]))
-            waiting[Kind.CONTAINER].append(None if since is None else since + options.grace_period)
-        elif d.kind is Kind.RESULT_TMP and d.keep and d.rule is Rule.LIVE_BUILD and plan.mode is Mode.DAEMON:
-            entry = tmp.get(d.name)
-            changed = entry.changed_at if entry is not None else None
-            if changed is None or now - changed < options.stale_after:
-                waiting[Kind.RESULT_TMP].append(None if changed is None else changed + options.stale_after)
     planned = _planned(plan)
     out = {}
     for kind in BACKLOG_KINDS:
-        times = [t for t in waiting[kind] if t is not None]
+        waiting = plan.waiting_until.get(kind, ())
+        times = [t for t in waiting if t is not None]
         out[kind.value] = Backlog(
             planned=planned[kind.value],
-            waiting=len(waiting[kind]),
+            waiting=len(waiting),
             next_eligible=max(min(times), now) if times else None,
             deferred=len(plan.deferred) if kind is Kind.SNAPSHOT else 0,
             stuck=stuck_by[kind],
         )
     return out
+
+
+def clock_report(plan: Plan, clock: ages.ClockRead) -> ClockReport:
+    """What the pass saw of the clocks: a step of the wall clock since the last pass, and stamps
+    lying ahead of it."""
+    ahead = plan.stamped_ahead
+    return ClockReport(
+        step=None if clock.step is None else round(clock.step, 3),
+        net_step=round(clock.clock.net_step, 3),
+        steps=clock.clock.steps,
+        stamped_ahead=len(ahead),
+        most_ahead=round(max(ahead.values()), 3) if ahead else None,
+    )
 
 
 def error_report(

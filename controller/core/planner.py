@@ -21,12 +21,13 @@ import ntpath
 import posixpath
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
+from controller.core import ages
 from controller.model.plan import (
     CacheTmpRemoval,
     ContainerRemoval,
@@ -39,7 +40,7 @@ from controller.model.plan import (
     StoreDrift,
     TmpRemoval,
 )
-from controller.model.records import LIVE_TASKS, Container, Observation, StoreEntry, TaskStatus, container_identity
+from controller.model.records import LIVE_TASKS, Container, Observation, StoreEntry, TaskStatus, Watch
 
 #: Which rule explains a snapshot that several keep: the first of these that claims it.
 KEEP_PRIORITY: tuple[Rule, ...] = (
@@ -106,8 +107,22 @@ class _World:
     live_tmp: list[StoreEntry] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    #: When something kept only for now (grace, staleAfter) may change its verdict.
-    wake: list[datetime] = field(default_factory=list)
+    #: By kind, when each object kept only for now (grace, staleAfter) may go (None: not dated).
+    waiting: dict[Kind, list[datetime | None]] = field(default_factory=lambda: defaultdict(list))
+    #: Objects whose stamp lies ahead of this clock, and by how many seconds.
+    ahead: dict[str, float] = field(default_factory=dict)
+
+    def age(self, watches: Mapping[str, Watch], name: str, stamp: str, stamped_at: datetime | None) -> timedelta:
+        """An age that may decide a removal (see controller.core.ages): never more than this
+        process has watched the object in this state, nor than its wall-clock age."""
+        step = ages.net_step(self.observation.history.clock)
+        lead = ages.ahead(stamped_at, self.now, step)
+        if lead is not None:
+            self.ahead[name] = lead
+        return ages.age(watches.get(name), stamp, stamped_at, self.now, step)
+
+    def wait(self, kind: Kind, period: timedelta, age: timedelta | None) -> None:
+        self.waiting[kind].append(None if age is None else self.now + max(period - age, timedelta(0)))
 
 
 # -- the keep rules ---------------------------------------------------------------------
@@ -189,15 +204,19 @@ def keep_young(w: _World, kept: set[str], unaged: list[str]) -> Iterator[Claim]:
     if w.mode is not Mode.DAEMON:
         return
     created_of = {s.key: s.created for s in w.observation.containerd.snapshots}
+    watches = w.observation.history.snapshots
     grace = w.options.grace_period
     for k in sorted(w.owned - kept):
         created = created_of.get(k)
         if created is None:
             unaged.append(k)
+            w.wait(Kind.SNAPSHOT, grace, None)
             yield Claim(k, Rule.GRACE, "its age is not read yet (containerd's Created); asked before removal")
-        elif w.now - created < grace:
-            w.wake.append(created + grace)
-            yield Claim(k, Rule.GRACE, f"created {_age(w.now - created)} ago, less than gracePeriod {grace}")
+            continue
+        age = w.age(watches, k, ages.stamp_of(created), created)
+        if age < grace:
+            w.wait(Kind.SNAPSHOT, grace, age)
+            yield Claim(k, Rule.GRACE, f"{_aged(age, w.now - created)}, less than gracePeriod {grace}")
 
 
 def keep_what_uninspectable_containers_may_use(w: _World, kept: set[str]) -> Iterator[Claim]:
@@ -347,8 +366,14 @@ def _plan(observation: Observation, options: PlanOptions, now: datetime, mode: M
         snapshot_keeps={k: (c.rule, c.reason) for k, c in kept.items()},
         drift=_drift(observation, set(parent_of)),
         warnings=tuple(w.warnings),
-        requeue_after=max(min(w.wake) - now, timedelta(0)) if w.wake else None,
+        requeue_after=max(min(wake) - now, timedelta(0)) if (wake := _soonest(w.waiting)) else None,
+        stamped_ahead=w.ahead,
+        waiting_until={kind: tuple(times) for kind, times in w.waiting.items()},
     )
+
+
+def _soonest(waiting: Mapping[Kind, list[datetime | None]]) -> list[datetime]:
+    return [t for times in waiting.values() for t in times if t is not None]
 
 
 def _judge_containers(w: _World) -> list[ContainerRemoval]:
@@ -360,10 +385,15 @@ def _judge_containers(w: _World) -> list[ContainerRemoval]:
         if not c.id.startswith(options.container_prefix):
             continue
         status = task_of.get(c.id, TaskStatus.ABSENT)
-        idle_since = history.containers_idle_since.get(container_identity(c))
-        rule, reason = _judge_container(c, status, options, w.now, w.mode, idle_since)
+        stamp = ages.container_stamp(c)
+        if status in LIVE_TASKS:
+            age = w.age(history.live_containers, c.id, stamp, c.created_at)
+        else:
+            # When its task stopped is nowhere recorded: only how long we have seen it stopped.
+            age = w.age(history.idle_containers, c.id, stamp, None)
+        rule, reason = _judge_container(c, status, options, w.mode, age)
         if rule is Rule.GRACE:
-            w.wake.append((idle_since or w.now) + options.grace_period)
+            w.wait(Kind.CONTAINER, options.grace_period, age)
         if rule is Rule.LEFTOVER:
             removals.append(ContainerRemoval(id=c.id, task=status, reason=reason))
             w.leftover_containers.append(c)
@@ -393,9 +423,14 @@ def _judge_tmp_entries(w: _World) -> tuple[list[TmpRemoval], dict[str, StoreEntr
             continue
         if e.layerinfo_error is not None:
             w.warnings.append(f"unreadable layerinfo (removed with the keys OBuilder derives): {e.layerinfo_error}")
-        live, reason = _judge_tmp(e, name in w.used_entries, w.options, w.now, w.mode)
-        if live and w.mode is Mode.DAEMON and name not in w.used_entries:
-            w.wake.append((e.changed_at or w.now) + w.options.stale_after)
+        used = name in w.used_entries
+        # An entry whose stamps could not be read cannot be dated: it counts as just changed.
+        age = timedelta(0)
+        if e.changed_at is not None:
+            age = w.age(w.observation.history.tmp_entries, e.id, ages.entry_stamp(e), e.changed_at)
+        live, reason = _judge_tmp(e, used, w.options, w.mode, age)
+        if live and w.mode is Mode.DAEMON and not used:
+            w.wait(Kind.RESULT_TMP, w.options.stale_after, age)
         if live:
             w.live_tmp.append(e)
         else:
@@ -444,6 +479,15 @@ def _age(delta: timedelta) -> str:
     return f"{delta.total_seconds():.0f} s" if delta < timedelta(minutes=2) else str(delta).split(".")[0]
 
 
+def _aged(age: timedelta, wall: timedelta) -> str:
+    """How old a snapshot counts, and by which clock."""
+    if wall < timedelta(0):
+        return f"created {_age(-wall)} ahead of this clock (a clock was set back); kept until it catches up"
+    if age < wall:
+        return f"watched {_age(age)} by this process (created {_age(wall)} ago by the wall clock)"
+    return f"created {_age(wall)} ago"
+
+
 def _run_folders(c: Container) -> list[str]:
     """The folders a container runs on: Linux ``root.path``, Windows' last layer folder."""
     return ([c.root_path] if c.root_path else []) + list(c.layer_folders[-1:])
@@ -462,13 +506,9 @@ def _active_and_committed(e: StoreEntry) -> tuple[str, str]:
 
 
 def _judge_container(
-    c: Container,
-    status: TaskStatus,
-    options: PlanOptions,
-    now: datetime,
-    mode: Mode,
-    since: datetime | None,
+    c: Container, status: TaskStatus, options: PlanOptions, mode: Mode, age: timedelta
 ) -> tuple[Rule, str]:
+    """``age``: how long its task has been live (for maxTaskAge), or how long we have seen it idle."""
     task = "no task" if status is TaskStatus.ABSENT else f"task {status.value.lower()}"
     if mode is Mode.BOOT:
         return (
@@ -476,16 +516,15 @@ def _judge_container(
             f"boot: the worker is not running, so this container ({task}) is left over from an interrupted build",
         )
     if status in LIVE_TASKS:
-        age = now - c.created_at if c.created_at else None
-        if options.max_task_age is not None and age is not None and age > options.max_task_age:
-            return Rule.LEFTOVER, f"{task} for {age}, longer than maxTaskAge {options.max_task_age}"
+        if options.max_task_age is not None and age > options.max_task_age:
+            return Rule.LEFTOVER, f"{task} for {_age(age)}, longer than maxTaskAge {options.max_task_age}"
         return Rule.RUNNING, f"{task}: a live build is never disturbed"
-    if since is None or now - since < options.grace_period:
+    if age < options.grace_period:
         return Rule.GRACE, f"{task}, but for less than the grace period {options.grace_period}"
     return Rule.LEFTOVER, f"{task} for longer than the grace period {options.grace_period}"
 
 
-def _judge_tmp(e: StoreEntry, used: bool, options: PlanOptions, now: datetime, mode: Mode) -> tuple[bool, str]:
+def _judge_tmp(e: StoreEntry, used: bool, options: PlanOptions, mode: Mode, age: timedelta) -> tuple[bool, str]:
     name = f"result-tmp/{e.id}"
     if mode is Mode.BOOT and e.layerinfo_error is not None:
         # OBuilder's own start-up recovery raises on it and the worker does not start. At
@@ -496,8 +535,8 @@ def _judge_tmp(e: StoreEntry, used: bool, options: PlanOptions, now: datetime, m
         return False, f"boot: {name} is an interrupted build"
     if used:
         return True, f"{name} is used by a kept container"
-    if e.changed_at is None or now - e.changed_at < options.stale_after:
-        return True, f"{name} changed less than staleAfter {options.stale_after} ago"
+    if age < options.stale_after:
+        return True, f"{name} unchanged for {_age(age)} as watched, less than staleAfter {options.stale_after}"
     return False, f"{name} unchanged for longer than staleAfter {options.stale_after} and no container uses it"
 
 

@@ -7,6 +7,7 @@ The core never imports an adapter: the CLI and the daemon wire them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,12 +81,21 @@ class StorePort(Protocol):
 
 
 class Clock(Protocol):
-    def now(self) -> datetime: ...
+    def now(self) -> datetime:
+        """The wall clock: it can step (a VM resumed, a time sync)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never steps, for what this process watches itself."""
+        ...
 
 
 class WallClock:
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
 
 class Reporter:

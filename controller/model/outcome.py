@@ -104,6 +104,20 @@ def _by_kind(results: Iterable[ActionResult], keep: Iterable[Outcome]) -> dict[s
     return {k.value: counts.get(k.value, 0) for k in ACTION_KINDS}
 
 
+class ClockReport(Record):
+    """What a pass saw of the clocks (daemon): ages are bounded by what this process watched on its
+    monotonic clock, so a step changes no verdict, but an operator should know of it."""
+
+    #: The wall clock's step since the last pass (seconds, forward positive); None: none seen.
+    step: float | None = None
+    #: Every step seen since the process started, added up, and how many there were.
+    net_step: float = 0.0
+    steps: int = 0
+    #: Objects whose stamp (Created, mtime) lies ahead of the wall clock, and the farthest (seconds).
+    stamped_ahead: int = 0
+    most_ahead: float | None = None
+
+
 class PassReport(Record):
     """One pass: what it planned, did, failed and left. The status file is one of these."""
 
@@ -155,6 +169,8 @@ class PassReport(Record):
     traceback: str | None = Field(default=None, exclude=True, repr=False)
     #: The snapshotter's folder against containerd's records (when it was looked at).
     disk: DiskDrift | None = None
+    #: Daemon: a step of the wall clock, stamps ahead of it.
+    clock: ClockReport | None = None
     #: The pass's plan and the daemon's memory after it: for the loop and the CLI, not the status file.
     plan: Plan | None = Field(default=None, exclude=True, repr=False)
     history: History | None = Field(default=None, exclude=True, repr=False)

@@ -153,6 +153,12 @@ class Plan(Record):
     #: Daemon: the soonest an object kept only for now (grace, staleAfter) may go;
     #: the loop comes back then rather than a whole interval later.
     requeue_after: timedelta | None = None
+    #: Daemon: objects whose stamp (Created, mtime) lies ahead of this clock, by name, with how
+    #: far (seconds): a clock was set back, or another runs ahead. Kept until it catches up.
+    stamped_ahead: dict[str, float] = Field(default_factory=dict)
+    #: Daemon: by kind, when each object kept only for now (grace, staleAfter) may go (None: its
+    #: age is not read yet). The backlog's "waiting" and "next eligible".
+    waiting_until: dict[Kind, tuple[datetime | None, ...]] = Field(default_factory=dict)
 
     @property
     def pinned(self) -> tuple[str, ...]:

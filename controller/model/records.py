@@ -41,6 +41,10 @@ class StoreEntry(Record):
     is_link: bool = False
     #: The newest modification time seen in the entry (for ``staleAfter``).
     changed_at: datetime | None = None
+    #: A digest of what ``changed_at`` was read from (inode, size, mtime and ctime of the entry
+    #: and its top files): any change is a new state, even one whose mtime a step of the clock
+    #: set back. ``staleAfter`` counts from when this process first saw these stamps.
+    stamps: str | None = None
 
     @property
     def fallback_keys(self) -> tuple[str, ...]:
@@ -142,18 +146,53 @@ def container_identity(c: Container) -> str:
     return f"{c.id}@{c.created_at.isoformat() if c.created_at else '?'}"
 
 
+class Watch(Record):
+    """How long this process has watched one object in one state, on its monotonic clock.
+
+    ``stamp`` is what makes the state (a snapshot's Created, a container's creation time, a
+    ``result-tmp/`` entry's stamps): names repeat, so time watched under another stamp is
+    another object's and counts for nothing."""
+
+    stamp: str
+    seconds: float = 0.0
+
+
+class ClockWatch(Record):
+    """The wall clock against the monotonic one, pass to pass: how a step is seen.
+
+    Between two passes both clocks advance alike unless the wall clock was stepped (a VM
+    resumed, a time sync at boot); the difference of their offsets is the step."""
+
+    #: The monotonic reading at the last pass (seconds, this process's own clock).
+    monotonic: float
+    #: Wall minus monotonic at the last pass (seconds).
+    offset: float
+    #: Every step seen since this process started, added up (seconds; forward is positive).
+    net_step: float = 0.0
+    #: How many steps were seen.
+    steps: int = 0
+
+
 class History(Record):
-    """What the loop remembers between passes (daemon mode): since when each container
-    has had no live task, by :func:`container_identity`.
+    """What the loop remembers between passes (daemon mode). Empty at boot and in a one-off look.
 
-    Empty at boot. Snapshots need no memory: containerd records when each was created.
-    """
+    Every age that decides a removal is bounded by how long this process has itself watched
+    the object in that state (``Watch``), so no step of the wall clock can make a young object
+    look old: by key and Created for snapshots, by id and creation time for containers (idle,
+    or running for maxTaskAge), by id and stamps for ``result-tmp/`` entries."""
 
-    containers_idle_since: dict[str, datetime] = {}
-    #: When the snapshotter's folder was last looked at, and when snapshots were last removed:
-    #: the disk is looked at once a resync interval, never while a collection may be under way.
-    disk_looked_at: datetime | None = None
-    snapshots_removed_at: datetime | None = None
+    snapshots: dict[str, Watch] = {}
+    #: Containers with no live task, watched since first seen so (the idle time the grace period reads).
+    idle_containers: dict[str, Watch] = {}
+    #: Containers whose task is live, watched since first seen so (for maxTaskAge).
+    live_containers: dict[str, Watch] = {}
+    tmp_entries: dict[str, Watch] = {}
+    clock: ClockWatch | None = None
+    #: When the snapshotter's folder was last looked at, and when snapshots were last removed
+    #: (monotonic seconds): the disk is looked at once a resync interval, never while a
+    #: collection may be under way.
+    disk_looked_at: float | None = None
+    snapshots_removed_at: float | None = None
 
 
 class Observation(Record):

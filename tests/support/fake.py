@@ -12,9 +12,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from controller.core.ages import stamp_of
 from controller.core.ports import Clock, Ports, Reporter
 from controller.model.outcome import Outcome, Result
-from controller.model.records import Container, ContainerdState, Snapshot, StoreState, Task, TaskStatus
+from controller.model.records import (
+    Container,
+    ContainerdState,
+    History,
+    Snapshot,
+    StoreState,
+    Task,
+    TaskStatus,
+    Watch,
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -151,15 +161,32 @@ class FakeStore:
 
 @dataclass
 class FakeClock:
-    """A clock that moves only when told to."""
+    """A clock that moves only when told to: ``advance`` moves the wall and the monotonic clock
+    alike (time passes), ``step`` the wall clock alone (a VM resumed, a time sync)."""
 
     at: datetime
+    mono: float = 1000.0
 
     def now(self) -> datetime:
         return self.at
 
+    def monotonic(self) -> float:
+        return self.mono
+
     def advance(self, seconds: float) -> None:
         self.at += timedelta(seconds=seconds)
+        self.mono += seconds
+
+    def step(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
+def watched(fake: FakeContainerd, seconds: float, **more: dict[str, Watch]) -> History:
+    """A daemon's memory that has watched every snapshot of ``fake`` for ``seconds`` under its
+    present Created: what a test that is about something else than ages needs for the grace
+    period to have run out (ages never exceed what the daemon watched)."""
+    snapshots = {k: Watch(stamp=stamp_of(fake.created.get(k, _EPOCH)), seconds=seconds) for k in fake.parents}
+    return History(snapshots=snapshots, **more)
 
 
 def fake_ports(
