@@ -42,7 +42,8 @@ EPILOG = f"""\
 
 subcommands (first argument only):
   check-policy FILE   validate a policy (no store, worker or containerd needed): exit 0 and
-                      a one-line summary, or exit 2 with FILE:LINE:COLUMN
+                      a one-line summary (--json: the effective policy), or exit 2 with
+                      FILE:LINE:COLUMN
   service [flags]     the Windows service: boot pass while start-pending, then the daemon
                       (--console runs it in a console; elsewhere than Windows it always does)
 
@@ -153,13 +154,23 @@ def build_service_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_policy(argv: Sequence[str]) -> int:
+def build_check_policy_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="reconcile check-policy",
         description="Validate a ReconcilePolicy file: no store, worker or containerd needed.",
     )
     p.add_argument("file", metavar="FILE")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the effective policy (every default filled in, camelCase as in the file) as JSON, "
+        "e.g. for an installer to read spec.worker.processNames and spec.worker.serviceName",
+    )
+    return p
+
+
+def check_policy(argv: Sequence[str]) -> int:
+    args = build_check_policy_parser().parse_args(argv)
     from pathlib import Path
 
     from controller.config.policy import load_policy
@@ -170,13 +181,20 @@ def check_policy(argv: Sequence[str]) -> int:
     except ReconcileError as e:
         print(f"reconcile: {e}", file=sys.stderr)
         return int(exit_code_for(e))
+    if args.json:
+        import json
+
+        print(json.dumps(policy.model_dump(mode="json", by_alias=True), indent=2))
+        return int(ExitCode.OK)
     spec = policy.spec
     protect = spec.protect
     print(
         f"{args.file}: ok: ReconcilePolicy {policy.metadata.name!r}: "
         f"store {spec.store.root or '(none: pass --store)'}, "
         f"protects {len(protect.base_images)} base images and {len(protect.snapshot_keys)} key globs, "
-        f"gracePeriod {format_duration(spec.timing.grace_period)}, interval {format_duration(spec.timing.interval)}"
+        f"gracePeriod {format_duration(spec.timing.grace_period)}, interval {format_duration(spec.timing.interval)}, "
+        f"worker processes {', '.join(spec.worker.process_names) or '(none)'}"
+        + (f", worker service {spec.worker.service_name}" if spec.worker.service_name else "")
     )
     return int(ExitCode.OK)
 

@@ -124,13 +124,22 @@ def wait_for_containerd(settings: Settings, seconds: float, *, sleep: Callable[[
 
 
 def no_worker_running(settings: Settings) -> None:
-    # Asked before every pass, not only the first: a worker that starts meanwhile makes
-    # boot semantics wrong (its containers and result-tmp/ entries are live).
-    running = platform.find_running(settings.worker_names)
-    if running:
+    """Refuse boot semantics unless the worker is clearly not running: "cannot tell" (a process
+    listing that failed or came back empty, a service manager that did not answer) is a yes.
+
+    Asked before every pass, not only the first: a worker that starts meanwhile makes boot
+    semantics wrong (its containers and result-tmp/ entries are live)."""
+    sighting = platform.find_worker(settings.worker_names, settings.worker_service)
+    if sighting.answer is platform.WorkerAnswer.RUNNING:
         raise WorkerRunningError(
-            f"a worker appears to be running ({', '.join(running)}): --once assumes every "
+            f"a worker appears to be running ({sighting.detail}): --once assumes every "
             "obuilder-run-* container and result-tmp/ entry is dead; stop the worker or pass --force"
+        )
+    if sighting.answer is platform.WorkerAnswer.CANNOT_TELL:
+        raise WorkerRunningError(
+            f"cannot tell whether the worker runs: {sighting.detail}; --once assumes every obuilder-run-* "
+            "container and result-tmp/ entry is dead, so it touches nothing while the worker may be running; "
+            "pass --force if you know it is stopped"
         )
 
 
@@ -362,9 +371,10 @@ def explain(name: str, ports: Ports, options: PlanOptions, mode: Mode) -> int:
         "(boot semantics: --once assumes the worker is not running)"
         if mode is Mode.BOOT
         else (
-            "(daemon semantics; pass --once for what a boot run would do. A snapshot's age is containerd's "
-            "Created; a stopped container's grace period runs from when the daemon first saw it stopped, which "
-            "this one-off look cannot know, so it counts from now)"
+            "(daemon semantics; pass --once for what a boot run would do. An age that decides a removal is never "
+            "more than the daemon has itself watched the object in that state (a snapshot: its key and "
+            "containerd's Created), whatever the clocks say; this one-off look has watched nothing, so what only "
+            "an age would remove counts from now)"
         )
     )
     print(render_explain(name, decisions, present=present, mode_note=note))

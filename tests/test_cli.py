@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
 from controller.cli import build_parser
@@ -25,6 +26,7 @@ from tests.support.cli import reconcile as run_cli
 from tests.support.cli import reconcile_on
 from tests.support.containerd import PrivateContainerd
 from tests.support.fake import FakeContainerd, FakeStore, fake_ports
+from tests.support.processes import Listed, fake_process_listing
 from tests.support.world import World, create_store
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
@@ -166,7 +168,7 @@ def test_a_worker_that_starts_during_once_stops_it_before_the_next_pass() -> Non
 
 def test_a_worker_that_appears_is_exit_9(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     root = create_store(tmp_path / "store")
-    monkeypatch.setattr("controller.adapters.platform.find_running", lambda names: ["ocluster-worker (pid 4242)"])
+    fake_process_listing(monkeypatch, [Listed(4242, "ocluster-worker", psutil.AccessDenied(4242))])
     assert cli_main(["--once", "--store", str(root), "--address", str(tmp_path / "none.sock")]) == 9
 
 
@@ -196,7 +198,7 @@ def test_wait_for_containerd_lets_a_boot_step_start_before_containerd(tmp_path: 
 
 
 @pytest.mark.containerd
-def test_explain_beside_a_worker_dates_snapshots_by_containerd_not_by_history(
+def test_explain_beside_a_worker_shows_containerds_created_and_counts_only_what_it_watched(
     world: World, containerd: PrivateContainerd, namespace: str, tmp_path: Path
 ) -> None:
     policy = tmp_path / "p.yaml"
@@ -218,9 +220,12 @@ def test_explain_beside_a_worker_dates_snapshots_by_containerd_not_by_history(
 
     # The young one first, while it is surely younger than the grace period on a busy machine.
     said = explain(young)
-    assert f"snapshot {old}: would be removed [rule: orphan]" in explain(old)
-    assert "kept [rule: grace]: created" in said and "less than gracePeriod" in said
+    assert "kept [rule: grace]: watched 0 s by this process (created" in said and "less than gracePeriod" in said
     assert "containerd's Created" in said
+    # Old by containerd's Created, but a one-off look has watched nothing: no age decides a removal
+    # before a daemon has itself watched the snapshot for its grace period.
+    said_old = explain(old)
+    assert "kept [rule: grace]: watched 0 s by this process (created" in said_old and "has watched nothing" in said_old
     assert {old, young} <= set(containerd.snapshot_keys(namespace)), "--explain changed something"
 
 
@@ -380,6 +385,25 @@ def test_check_policy_names_file_line_and_column_and_exits_2(tmp_path: Path, tex
     run = run_cli("check-policy", str(policy))
     assert run.code == 2 and run.stdout == ""
     assert f"reconcile: {policy}{said}" in run.stderr, run.stderr
+
+
+def test_check_policy_json_prints_the_effective_policy_an_installer_reads(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY_HEAD + "spec:\n  worker: {serviceName: ocluster-worker-1}\n  timing: {gracePeriod: 2m}\n")
+    run = run_cli("check-policy", "--json", str(policy))
+    assert run.code == 0, run.stderr
+    effective = run.json
+    assert effective["metadata"]["name"] == "pool"
+    # What the file says, and every default it leaves out, spelled as in the file.
+    from controller.model.policy import TimingSpec, WorkerSpec, format_duration
+
+    worker, timing = effective["spec"]["worker"], effective["spec"]["timing"]
+    assert worker == {"processNames": list(WorkerSpec().process_names), "serviceName": "ocluster-worker-1"}
+    assert timing["gracePeriod"] == "2m" and timing["interval"] == format_duration(TimingSpec().interval)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(POLICY_HEAD + "spec:\n  worker: {serviceName: ''}\n")
+    refused = run_cli("check-policy", "--json", str(bad))
+    assert refused.code == 2 and refused.stdout == "" and "spec.worker.serviceName" in refused.stderr
 
 
 def test_check_policy_of_a_missing_file_or_without_one_is_exit_2(tmp_path: Path) -> None:

@@ -13,13 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from controller.cli import build_service_parser
+from controller.cli import build_check_policy_parser, build_service_parser
 from controller.commands import ServiceSteps
 from controller.model.errors import (
     EXIT_RULES,
@@ -31,8 +30,10 @@ from controller.model.errors import (
     StoreSanityError,
     UsageError,
 )
+from controller.model.policy import WorkerSpec
 from controller.service import ReconcileService, State, Status, StopRequested
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
+from tests.support.pywin32 import FakeWin32
 from tests.support.world import World
 
 # -- a fake service manager and fake steps -------------------------------------------------
@@ -407,66 +408,6 @@ def test_a_console_ctrl_c_stops_us_but_not_the_ctr_call_under_way(
 # -- the Windows adapter, against fake pywin32 modules -----------------------------------
 
 
-class FakeWin32:
-    """Just enough of pywin32 for controller.adapters.winservice, recording what it is told."""
-
-    SERVICE_STOPPED, SERVICE_START_PENDING, SERVICE_STOP_PENDING, SERVICE_RUNNING = 1, 2, 3, 4
-    SERVICE_ACCEPT_STOP, SERVICE_ACCEPT_SHUTDOWN = 1, 4
-    SERVICE_WIN32_OWN_PROCESS = 0x10
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, not_a_service: bool = False) -> None:
-        self.statuses: list[tuple[int, ...]] = []
-        self.events: list[tuple[str, str]] = []
-        self.prepared: type | None = None
-        fake = self
-
-        class Error(Exception):
-            def __init__(self, winerror: int) -> None:
-                self.winerror = winerror
-
-        class ServiceFramework:
-            def __init__(self, args: list[str]) -> None:
-                self.ssh = ("handle", args[0])
-
-        win32service = types.ModuleType("win32service")
-        for name in dir(FakeWin32):
-            if name.startswith("SERVICE_"):
-                setattr(win32service, name, getattr(FakeWin32, name))
-        win32service.SetServiceStatus = lambda handle, status: fake.statuses.append(status)  # type: ignore[attr-defined]
-        win32serviceutil = types.ModuleType("win32serviceutil")
-        win32serviceutil.ServiceFramework = ServiceFramework  # type: ignore[attr-defined]
-        pywintypes = types.ModuleType("pywintypes")
-        pywintypes.error = Error  # type: ignore[attr-defined]
-        servicemanager = types.ModuleType("servicemanager")
-        servicemanager.Initialize = lambda name, messages: None  # type: ignore[attr-defined]
-        servicemanager.LogErrorMsg = lambda m: fake.events.append(("error", m))  # type: ignore[attr-defined]
-        servicemanager.LogInfoMsg = lambda m: fake.events.append(("info", m))  # type: ignore[attr-defined]
-
-        def prepare(cls: type) -> None:
-            fake.prepared = cls
-
-        def dispatch() -> None:
-            # What the service control manager does: make the service, run it, stop it once running.
-            if not_a_service:
-                raise Error(1063)
-            assert fake.prepared is not None
-            svc = fake.prepared(["obuilder-reconcile"])
-            runner = threading.Thread(target=svc.SvcRun)
-            runner.start()
-            deadline = time.monotonic() + 10
-            while runner.is_alive() and time.monotonic() < deadline:
-                svc.SvcInterrogate()
-                if fake.statuses[-1][1] == FakeWin32.SERVICE_RUNNING:
-                    svc.SvcStop()
-                time.sleep(0.02)
-            runner.join(10)
-
-        servicemanager.PrepareToHostSingle = prepare  # type: ignore[attr-defined]
-        servicemanager.StartServiceCtrlDispatcher = dispatch  # type: ignore[attr-defined]
-        for module in (win32service, win32serviceutil, pywintypes, servicemanager):
-            monkeypatch.setitem(sys.modules, module.__name__, module)
-
-
 def test_the_windows_adapter_reports_start_pending_until_the_boot_pass_ends_then_stops_on_request(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -582,6 +523,34 @@ def test_the_installer_calls_only_flags_and_subcommands_the_python_side_has() ->
     assert re.search(r"'failure', \$ServiceName, .*'restart/", code) and "'failureflag', $ServiceName, '1'" in code
     # The worker is found by its executable, and depends on us.
     assert "Win32_Service" in code and "PathName" in code and "-DependsOn $ContainerdService" in code
+
+
+def test_the_installer_refuses_a_policy_that_would_not_recognise_the_worker() -> None:
+    code = _ps_code(INSTALLER.read_text())
+    # It reads the effective policy through the one native-call helper, with a flag check-policy has.
+    calls = re.findall(r"\$(\w+) = Invoke-Native \$Python @\('-m', 'controller', 'check-policy', ([^)]*)\)\n", code)
+    known = build_check_policy_parser()._option_string_actions
+    ((effective, _),) = [(var, args) for var, args in calls if "--json" in args]
+    assert all(f in known for _, args in calls for f in re.findall(r"'(--[\w-]+)'", args))
+    assert f"${effective}.Code -ne 0" in code, "a failed check-policy --json is not caught"
+    assert f"(${effective}.Output | ConvertFrom-Json).spec.worker" in code
+    # The fields it reads are the policy's, as check-policy --json spells them.
+    fields = WorkerSpec().model_dump(mode="json", by_alias=True)
+    assert {"processNames", "serviceName"} <= set(fields) and ".processNames" in code and ".serviceName" in code
+    # The worker's executable as the process listing names it: file name, no .exe, lower case.
+    assert "GetFileNameWithoutExtension((Get-ExecutablePath $worker.PathName)).ToLowerInvariant()" in code
+    assert "$processNames -notcontains $workerName" in code
+    # Each refusal says what to change, and comes before anything is changed.
+    refusal = code[code.index("$processNames -notcontains $workerName") :]
+    refusal = refusal[: refusal.index("\n}")]
+    assert "throw" in refusal and "Add '$workerName' to" in refusal and "spec.worker.processNames in $Policy" in refusal
+    mismatch = code[code.index("$workerSpec.serviceName -ne $worker.Name") :]
+    mismatch = mismatch[: mismatch.index("\n}")]
+    assert "throw" in mismatch and "set spec.worker.serviceName: $($worker.Name) in $Policy" in mismatch
+    unset = code[code.index("if (-not $workerSpec.serviceName)") :]
+    assert "set spec.worker.serviceName: $($worker.Name)" in unset[: unset.index("} elseif")]
+    first_change = min(code.index(change) for change in ("New-Service", "Invoke-CimMethod", "Set-Dependencies $worker"))
+    assert code.index("$processNames -notcontains") < code.index("$workerSpec.serviceName -ne") < first_change
 
 
 def test_the_installer_examples_pass_only_parameters_it_declares() -> None:

@@ -13,11 +13,15 @@ import os
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from enum import Enum
 from typing import IO, Any, BinaryIO, Literal, TypeVar
 
 IS_WINDOWS = sys.platform == "win32"
+_T = TypeVar("_T")
 
 #: containerd's own per-platform defaults (``defaults/defaults_*.go``).
 DEFAULT_ADDRESS = r"\\.\pipe\containerd-containerd" if IS_WINDOWS else "/run/containerd/containerd.sock"
@@ -69,41 +73,100 @@ def try_lock(handle: IO[bytes]) -> bool:
     return True
 
 
-def running_executables() -> set[str]:
-    """Names of the executables of running processes, lower-case, without ``.exe``.
+# -- Is the worker running? Yes, no, or cannot tell ----------------------------------------
 
-    Executable names only, never command lines: containerd shims carry
-    ``obuilder-run-N`` in their arguments and must not look like a worker.
-    """
-    names: set[str] = set()
-    if IS_WINDOWS:
-        import csv
-        import io
-        import subprocess
 
-        out = subprocess.run(
-            ["tasklist", "/FO", "CSV", "/NH"], capture_output=True, text=True, check=False, timeout=30
-        ).stdout
-        for row in csv.reader(io.StringIO(out)):
-            if row:
-                names.add(_exe_name(row[0]))
-        return names
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return names
-    for pid in pids:
+class WorkerAnswer(Enum):
+    RUNNING = "running"
+    NOT_RUNNING = "not running"
+    CANNOT_TELL = "cannot tell"
+
+
+@dataclass(frozen=True)
+class WorkerSighting:
+    """The answer to "is the worker running?". Boot semantics (every ``obuilder-run-*`` task and
+    ``result-tmp/`` entry is dead) are right only on a clear no: "cannot tell" counts as yes."""
+
+    answer: WorkerAnswer
+    #: Running: what was seen (``process ocluster-worker (pid 4242)``); not running: what was asked;
+    #: cannot tell: why not.
+    detail: str
+
+    @property
+    def may_be_running(self) -> bool:
+        return self.answer is not WorkerAnswer.NOT_RUNNING
+
+
+class CannotTell(Exception):
+    """Raised by :func:`running_processes` when the listing cannot be trusted; the message says why."""
+
+
+#: The longest a process listing or a service manager's answer may take before the answer is
+#: "cannot tell" (a hung listing must not hang the boot pass, nor be read as "no worker").
+LISTING_TIMEOUT = 30.0
+
+
+def _within(timeout: float, what: str, action: Callable[[], _T]) -> _T:
+    """``action()`` in a thread of its own (its errors raised here); :class:`CannotTell` once
+    ``timeout`` seconds have passed without an answer (the thread is left to end by itself)."""
+    box: list[tuple[_T] | BaseException] = []
+
+    def run() -> None:
         try:
-            names.add(_exe_name(os.path.basename(os.readlink(f"/proc/{pid}/exe"))))
-        except OSError:
-            # Kernel threads and other users' processes hide their exe; comm
-            # is the executable's name (cut to 15 characters by the kernel).
-            try:
-                with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                    names.add(_exe_name(f.read().strip()))
-            except OSError:
-                continue
+            box.append((action(),))
+        except BaseException as e:  # handed to the caller's thread
+            box.append(e)
+
+    thread = threading.Thread(target=run, name=what, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise CannotTell(f"{what} took longer than {timeout:g}s")
+    (outcome,) = box
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome[0]
+
+
+def running_processes(*, timeout: float = LISTING_TIMEOUT) -> dict[str, list[int]]:
+    """The executable names of running processes (lower-case, without ``.exe``), each with its pids.
+
+    Executable names only, never command lines: containerd shims carry ``obuilder-run-N`` in
+    their arguments and must not look like a worker. A process that ends, or whose name we may
+    not read, while the listing runs is skipped; a listing that fails, takes longer than
+    ``timeout`` or names no process at all (we ourselves run) raises :class:`CannotTell`."""
+    try:
+        names, pids = _within(timeout, "listing processes", _list_processes)
+    except CannotTell:
+        raise
+    except Exception as e:
+        raise CannotTell(f"listing processes failed: {type(e).__name__}: {e}") from e
+    if not names:
+        raise CannotTell("the process listing named no process at all, not even this one")
+    if os.getpid() not in pids:
+        raise CannotTell(f"the process listing does not show this process (pid {os.getpid()}): it is not all of them")
     return names
+
+
+def _list_processes() -> tuple[dict[str, list[int]], set[int]]:
+    import psutil
+
+    names: dict[str, list[int]] = {}
+    pids: set[int] = set()
+    # psutil reads each attribute itself: one a process may not read (AccessDenied, a zombie's)
+    # comes back None, and a process that ends meanwhile is left out; only a failure of the
+    # listing itself raises.
+    for proc in psutil.process_iter(["name", "exe"]):
+        info = proc.info
+        # The executable's file name where we may read it; else the process name (Linux: /proc's
+        # comm, the same name cut to 15 characters, which the match allows for).
+        exe, name = info.get("exe"), info.get("name")
+        shown = (ntpath.basename(exe) if IS_WINDOWS else os.path.basename(exe)) if exe else name
+        if not shown:
+            continue
+        names.setdefault(_exe_name(shown), []).append(proc.pid)
+        pids.add(proc.pid)
+    return names, pids
 
 
 def _exe_name(name: str) -> str:
@@ -113,16 +176,67 @@ def _exe_name(name: str) -> str:
     return name[:-4] if name.endswith(".exe") else name
 
 
-def find_running(wanted: tuple[str, ...]) -> list[str]:
-    """Which of the wanted executable names have a running process."""
-    running = running_executables()
+def find_running(wanted: tuple[str, ...], *, timeout: float = LISTING_TIMEOUT) -> list[str]:
+    """Which of the wanted executable names have a running process, each with its pids
+    (``ocluster-worker (pid 4242)``). Raises :class:`CannotTell`."""
+    running = running_processes(timeout=timeout)
     found = []
     for name in wanted:
         w = _exe_name(name)
         # /proc/PID/comm keeps only 15 characters of a longer name.
-        if w in running or (len(w) > 15 and w[:15] in running):
-            found.append(name)
+        pids = running.get(w) or (running.get(w[:15]) if len(w) > 15 else None)
+        if pids:
+            found.append(f"{name} (pid {', '.join(map(str, sorted(pids)))})")
     return found
+
+
+def find_worker(
+    process_names: tuple[str, ...], service_name: str | None = None, *, timeout: float = LISTING_TIMEOUT
+) -> WorkerSighting:
+    """Is the worker running? Yes (and what runs), no, or cannot tell (and why).
+
+    On Windows, with the worker's service named (``spec.worker.serviceName``), the service
+    manager answers, and it is exact: stopped is no, any other state yes (a stopping worker may
+    still run builds), a query that fails "cannot tell". A worker process listed while the
+    service is stopped (one started by hand) is still a yes. Without a service name, and
+    elsewhere than Windows, the process listing answers."""
+    if service_name and IS_WINDOWS:
+        return _ask_the_service_manager(service_name, process_names, timeout)
+    try:
+        running = find_running(process_names, timeout=timeout)
+    except CannotTell as e:
+        return WorkerSighting(WorkerAnswer.CANNOT_TELL, str(e))
+    if running:
+        return WorkerSighting(WorkerAnswer.RUNNING, "process " + "; process ".join(running))
+    return WorkerSighting(WorkerAnswer.NOT_RUNNING, f"no process named {', '.join(process_names)}")
+
+
+def _ask_the_service_manager(name: str, process_names: tuple[str, ...], timeout: float) -> WorkerSighting:
+    from controller.adapters import winservices_query as scm
+
+    try:
+        status = _within(timeout, "asking the service manager", lambda: scm.query_service(name))
+    except (scm.ServiceQueryError, CannotTell) as e:
+        return WorkerSighting(WorkerAnswer.CANNOT_TELL, f"the service manager did not answer for service {name!r}: {e}")
+    except Exception as e:  # whatever it is, it is not an answer
+        return WorkerSighting(
+            WorkerAnswer.CANNOT_TELL,
+            f"asking the service manager about service {name!r} failed: {type(e).__name__}: {e}",
+        )
+    said = f"service {name!r} is {status.state_name}"
+    if status.state in scm.MAY_RUN_STATES:
+        pid = f" (pid {status.process_id})" if status.process_id else ""
+        return WorkerSighting(WorkerAnswer.RUNNING, said + pid)
+    if status.state != scm.SERVICE_STOPPED:
+        return WorkerSighting(WorkerAnswer.CANNOT_TELL, said)
+    # Stopped: the service manager is trusted, but a worker started by hand still runs builds.
+    try:
+        running = find_running(process_names, timeout=timeout)
+    except CannotTell as e:
+        return WorkerSighting(WorkerAnswer.NOT_RUNNING, f"{said} (the process listing could not add to it: {e})")
+    if running:
+        return WorkerSighting(WorkerAnswer.RUNNING, f"{said}, but process {'; process '.join(running)} runs")
+    return WorkerSighting(WorkerAnswer.NOT_RUNNING, f"{said}, and no process named {', '.join(process_names)} runs")
 
 
 async def signals() -> AsyncIterator[Literal["reload", "stop"]]:
@@ -207,7 +321,6 @@ DIR_NOT_EMPTY = 145
 SHARING_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 _FILE_ATTRIBUTE_DIRECTORY = 0x10
-_T = TypeVar("_T")
 
 
 def extended_path(path: str) -> str:

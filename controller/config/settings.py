@@ -50,6 +50,8 @@ class Settings:
     interval: timedelta
     worker_names: tuple[str, ...]
     policy_path: Path | None = None
+    #: The worker's Windows service, asked before the process listing (spec.worker.serviceName).
+    worker_service: str | None = None
     #: None: no HTTP endpoints.
     metrics_address: str | None = None
     measure_bytes: bool = False
@@ -117,6 +119,7 @@ def resolve(overrides: Overrides, policy_path: str | None, env: Mapping[str, str
         max_passes=overrides.max_passes or spec.limits.max_passes,
         interval=spec.timing.interval,
         worker_names=spec.worker.process_names,
+        worker_service=spec.worker.service_name,
         policy_path=Path(policy_path) if policy_path else None,
         metrics_address=None if metrics == "off" else metrics,
         measure_bytes=spec.metrics.measure_bytes,

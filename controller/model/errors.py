@@ -20,7 +20,8 @@ class UsageError(ReconcileError):
 
 
 class WorkerRunningError(UsageError):
-    """Raised when ``--once`` finds a worker process running (exit 2): boot semantics would be wrong."""
+    """Raised when ``--once`` finds a worker running, or cannot tell whether one runs (exit 9): boot
+    semantics would be wrong."""
 
 
 class PolicyError(ReconcileError):
@@ -174,9 +175,10 @@ EXIT_RULES: tuple[ExitRule, ...] = (
     ),
     ExitRule(
         ExitCode.WORKER_RUNNING,
-        "--once found a worker running (pass --force, or stop it)",
+        "--once found a worker running, or could not tell whether one runs (pass --force, or stop it)",
         True,
-        "the worker is already running: the service skips the boot pass and runs as the daemon",
+        "the worker is running already, or may be: the service skips the boot pass and runs as the daemon, "
+        "which never assumes the worker is down",
         (WorkerRunningError,),
     ),
 )

@@ -147,7 +147,13 @@ class LimitsSpec(_Model):
 
 class WorkerSpec(_Model):
     process_names: tuple[str, ...] = ("ocluster-worker", "obuilder")
-    """Executable names that mean a worker is running (`--once` then refuses unless `--force`)."""
+    """Executable names that mean a worker is running (`--once` then refuses unless `--force`). A process
+    listing that fails or comes back empty means "cannot tell", which `--once` treats as running."""
+    service_name: str | None = Field(default=None, min_length=1)
+    """Windows: the worker's service (ocluster's `--name`, as `sc.exe query NAME` knows it). The service
+    manager's answer then decides: stopped is not running (unless a `processNames` process runs), any other
+    state is running, and a query that fails (no such service, access denied) is "cannot tell", which `--once`
+    treats as running. Unset, or elsewhere than Windows: the process listing alone decides."""
 
 
 class MetricsSpec(_Model):

@@ -17,9 +17,12 @@
   - a service stop (or Stop-Service) lets the action under way finish.
 
   The policy is checked first with `reconcile check-policy` (no store, worker or containerd
-  needed); nothing changes when it does not validate. Running the script again updates the
-  installation. -Uninstall removes the service and gives the worker back the dependencies it
-  had before the first install (saved in StateDir\worker-dependencies.json).
+  needed); nothing changes when it does not validate, nor when it would not recognise the worker:
+  the worker's executable name (without .exe) must be in its spec.worker.processNames, and its
+  spec.worker.serviceName, when set, must be the worker's service (unset, the script says to set
+  it: the service manager's answer is exact where a process listing infers). Running the script
+  again updates the installation. -Uninstall removes the service and gives the worker back the
+  dependencies it had before the first install (saved in StateDir\worker-dependencies.json).
 
   This script's own log: StateDir\logs\install.jsonl; the service's: StateDir\logs\reconcile.jsonl.
   Both are UTF-8 JSON lines, one object a line.
@@ -163,9 +166,31 @@ if ($check.Code -ne 0) {
     throw "the policy does not validate: $($check.Output)"
 }
 Write-Log 'info' $check.Output
+# The policy as the service will read it, every default filled in: how it recognises the worker.
+$effective = Invoke-Native $Python @('-m', 'controller', 'check-policy', '--json', $Policy)
+if ($effective.Code -ne 0) { throw "check-policy --json failed (exit $($effective.Code)): $($effective.Output)" }
+$workerSpec = ($effective.Output | ConvertFrom-Json).spec.worker
 
 $worker = Find-WorkerService
 Write-Log 'info' "worker service: $($worker.Name)" @{ service = $worker.Name; path = $worker.PathName; state = $worker.State }
+
+# The service must know the worker when it sees it: by its executable's name, as the process listing
+# shows it (lower-case, without .exe), and by its service's name, which the service manager answers for.
+$workerName = [System.IO.Path]::GetFileNameWithoutExtension((Get-ExecutablePath $worker.PathName)).ToLowerInvariant()
+$processNames = @($workerSpec.processNames | ForEach-Object { ($_ -replace '\.exe$', '').ToLowerInvariant() })
+if ($processNames -notcontains $workerName) {
+    Write-Log 'error' 'the policy does not recognise the worker; nothing changed' @{ policy = $Policy; worker = $workerName; processNames = $processNames }
+    throw ("the worker service $($worker.Name) runs $workerName, which spec.worker.processNames in $Policy does not " +
+           "name ($($processNames -join ', ')): a running worker would look stopped. Add '$workerName' to " +
+           "spec.worker.processNames in $Policy")
+}
+if (-not $workerSpec.serviceName) {
+    Write-Log 'warning' "set spec.worker.serviceName: $($worker.Name) in ${Policy}: the service manager then says exactly whether the worker runs" @{ policy = $Policy; service = $worker.Name }
+} elseif ($workerSpec.serviceName -ne $worker.Name) {
+    Write-Log 'error' 'the policy names another worker service; nothing changed' @{ policy = $Policy; serviceName = $workerSpec.serviceName; service = $worker.Name }
+    throw ("spec.worker.serviceName in $Policy is '$($workerSpec.serviceName)', but the worker's service is " +
+           "'$($worker.Name)': set spec.worker.serviceName: $($worker.Name) in $Policy")
+}
 
 New-Item -ItemType Directory -Force -Path $LogDir | Out-Null
 $binPath = "`"$Python`" -m controller service --service-name $ServiceName --policy `"$Policy`" " +

@@ -32,7 +32,8 @@ def installed_env(cache: Path) -> dict[str, str]:
     return env
 
 
-def reconcile(*args: str, timeout: float = 240) -> Run:
+def reconcile(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> Run:
+    """``env``: the whole environment (default: ours)."""
     proc = subprocess.run(
         [sys.executable, "-m", "controller", *args],
         capture_output=True,
@@ -40,11 +41,14 @@ def reconcile(*args: str, timeout: float = 240) -> Run:
         stdin=subprocess.DEVNULL,
         timeout=timeout,
         check=False,
+        env=env,
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
-def reconcile_on(cd: PrivateContainerd, namespace: str, store: Path, *args: str) -> Run:
+def reconcile_on(
+    cd: PrivateContainerd, namespace: str, store: Path, *args: str, env: dict[str, str] | None = None
+) -> Run:
     """``reconcile`` pointed at a private containerd and a store."""
     return reconcile(
         "--store", str(store),
@@ -52,4 +56,5 @@ def reconcile_on(cd: PrivateContainerd, namespace: str, store: Path, *args: str)
         "--namespace", namespace,
         "--snapshotter", SNAPSHOTTER,
         *args,
+        env=env,
     )  # fmt: skip
