@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -15,11 +16,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class DaemonProcess:
-    def __init__(self, cd: PrivateContainerd, store: Path, policy_file: Path, log: Path) -> None:
+    def __init__(
+        self, cd: PrivateContainerd, store: Path, policy_file: Path, log: Path, *, env: dict[str, str] | None = None
+    ) -> None:
         self.log = log
         self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
         argv = [sys.executable, "-m", "controller", "--policy", str(policy_file), "--store", str(store)]
-        self.proc = subprocess.Popen([*argv, "--address", cd.address], stdout=self.out, stderr=self.out, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [*argv, "--address", cd.address],
+            stdout=self.out,
+            stderr=self.out,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
