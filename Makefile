@@ -4,10 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test test-lines lint demo crds bench bench-daemon clean
+.PHONY: setup system-deps test test-lines lint mutate demo crds bench bench-daemon clean
 
 # Debian packages the demo and the integration tests run: installed when missing, if we may.
-SYSTEM_TOOLS := containerd ctr runc unshare promtool systemd-analyze
+SYSTEM_TOOLS := containerd ctr runc unshare promtool systemd-analyze cc
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	[ -x /bin/busybox ] || missing="$$missing busybox"; \
@@ -16,8 +16,8 @@ system-deps:
 	    echo "installing Debian packages for:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	      containerd runc busybox-static util-linux prometheus systemd >/dev/null; \
-	  else echo "missing:$$missing (as root: apt-get install containerd runc busybox-static util-linux prometheus systemd)"; fi; \
+	      containerd runc busybox-static util-linux prometheus systemd gcc libc6-dev >/dev/null; \
+	  else echo "missing:$$missing (as root: apt-get install containerd runc busybox-static util-linux prometheus systemd gcc libc6-dev)"; fi; \
 	fi
 
 setup: $(STAMP)
@@ -46,9 +46,14 @@ test-lines: system-deps setup
 	done
 
 lint: setup
-	$(BIN)/ruff check controller tests examples bench
-	$(BIN)/mypy controller tests
+	$(BIN)/ruff check controller tests examples bench tools
+	$(BIN)/mypy controller tests tools
 	$(BIN)/lint-imports
+
+# The mutation run over the safety rules (docs/development.md): breaks each rule on purpose and
+# checks a test fails. Slow (a minute or so, two mutants at a time), so not part of `make test`.
+mutate: setup
+	$(BIN)/python tools/mutate.py
 
 demo: system-deps setup
 	$(BIN)/python examples/demo.py

@@ -9,16 +9,21 @@ step back.
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from controller.adapters.store import FsStore
 from controller.core.ages import STEP_TOLERANCE, watch_clock
 from controller.core.passes import PassOptions, one_pass
 from controller.model.outcome import PassReport
 from controller.model.plan import Mode, PlanOptions
 from controller.model.records import Container, History, LayerInfo, StoreEntry, StoreState, TaskStatus
 from tests.support.fake import FakeClock, FakeContainerd, FakeStore, fake_ports
+from tests.support.world import create_store
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 GRACE, STALE, MAX_TASK = 600.0, 6 * 3600.0, 3600.0
@@ -200,3 +205,27 @@ def test_at_boot_ages_do_not_matter() -> None:
     ports = fake_ports(fake, FakeStore(FakeStore.empty()), clock)
     report = one_pass(ports, PassOptions(OPTIONS, Mode.BOOT), History(), 1)
     assert report.progress == 1 and fake.parents == {}
+
+
+def test_a_write_the_stepped_clock_dated_in_the_past_still_changes_an_entrys_stamps(tmp_path: Path) -> None:
+    """staleAfter counts from the entry's last change as this process saw it: a build that writes
+    after the clock was set back gives its file an older mtime than the newest one, so the newest
+    mtime alone would not move; the stamps (inode, size, mtime, ctime) do."""
+    root = create_store(tmp_path / "store")
+    entry = root / "result-tmp" / "b"
+    (entry / "rootfs").mkdir(parents=True)
+    log = entry / "log"
+    log.write_text("step 1\n")
+    newest = time.time()
+    for path in (entry, entry / "rootfs"):
+        os.utime(path, (newest - 10, newest - 10))
+    os.utime(log, (newest, newest))
+    first = {e.id: e for e in FsStore(root).observe().tmp}["b"]
+    with log.open("a") as f:
+        f.write("step 2\n")
+    os.utime(log, (newest - HOUR, newest - HOUR))  # written by a clock an hour behind
+    second = {e.id: e for e in FsStore(root).observe().tmp}["b"]
+    assert first.changed_at is not None and second.changed_at is not None
+    assert second.changed_at < first.changed_at, "the newest mtime did not move forward: it cannot tell"
+    assert second.stamps != first.stamps, "a change the mtime hides was not seen"
+    assert {e.id: e for e in FsStore(root).observe().tmp}["b"].stamps == second.stamps, "nothing changed: same stamps"
