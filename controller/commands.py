@@ -19,7 +19,7 @@ from pathlib import Path
 from controller.adapters import platform
 from controller.adapters.ctr import Ctr
 from controller.adapters.lock import StoreLock
-from controller.adapters.logs import LogReporter, ProgressReporter, configure_logging
+from controller.adapters.logs import CopyTruncateFileHandler, LogReporter, ProgressReporter, configure_logging
 from controller.adapters.status import StatusFile, write_status
 from controller.adapters.store import DB_PATH, check_store
 from controller.config.settings import Overrides, Settings, resolve
@@ -80,13 +80,12 @@ def start_logging(args: argparse.Namespace) -> None:
         _installed[1].close()
     configure_logging(args.log_format)
     if wanted[1]:
-        from logging.handlers import RotatingFileHandler
-
         # UTF-8 whatever the console's code page; rotated so a daemon that runs for months
-        # does not fill the disk it is there to keep free.
+        # does not fill the disk it is there to keep free, never by renaming the live file
+        # (on Windows any reader holding it would make every rotation fail).
         path = Path(wanted[1])
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = RotatingFileHandler(path, maxBytes=10 * 1024 * 1024, backupCount=5, encoding="utf-8")
+        handler = CopyTruncateFileHandler(path)
         handler.setFormatter(root.handlers[0].formatter)
         root.handlers[:] = [handler]
     _installed = (wanted, root.handlers[0])
@@ -172,7 +171,8 @@ def boot(
     start_logging(args)
     mode = Mode.BOOT
     printer = PlanPrinter(verbose=args.verbose, enabled=console and not (args.json or args.dry_run))
-    progress = ProgressReporter() if console and sys.stderr.isatty() and args.log_format == "text" else None
+    tty = sys.stderr is not None and sys.stderr.isatty()  # None under pythonw or detached
+    progress = ProgressReporter() if console and tty and args.log_format == "text" else None
     reporters: list[Reporter] = [printer, progress or LogReporter()]
     if not args.dry_run:
         reporters.insert(0, StatusFile(settings.status_path))
@@ -180,7 +180,7 @@ def boot(
     if should_stop is not None:
         options = replace(options, should_stop=should_stop)
     run = run_once(
-        settings.ports(Reporters(*reporters)),
+        settings.ports(Reporters(*reporters), boot=True),
         options,
         max_passes=settings.max_passes,
         before_pass=None if args.force else lambda: no_worker_running(settings),

@@ -131,7 +131,12 @@ def render_disk(run: RunReport) -> list[str]:
             f"Disk: {len(disk.unknown)} folder(s) in {disk.folder} that containerd does not know hold "
             f"{disk.unknown_bytes:,} bytes (see the README's runbook on disk space containerd does not account for):"
         )
-        lines += [f"  {f.name} ({f.reason}): {f.size_bytes:,} bytes" for f in disk.unknown[:DISK_LISTED]]
+        lines += [
+            f"  {f.name} ({f.reason}): " + ("not sized" if f.size_bytes is None else f"{f.size_bytes:,} bytes")
+            for f in disk.unknown[:DISK_LISTED]
+        ]
+        if disk.note:
+            lines.append(f"  {disk.unsized} {disk.note}")
         if len(disk.unknown) > DISK_LISTED:
             lines.append(f"  ... and {len(disk.unknown) - DISK_LISTED} more")
     if disk.unattributed:

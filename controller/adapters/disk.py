@@ -19,6 +19,7 @@ Otherwise the surplus is counted, not named.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -31,7 +32,23 @@ from controller.adapters.ctr import Ctr
 from controller.model.disk import DiskDrift, UnknownFolder, UnknownReason
 from controller.model.records import ContainerdState, Snapshot, StoreState
 
-__all__ = ["DiskObserver", "ReclaimLedger", "layer_ids", "reported_layer_paths", "tree_bytes"]
+log = logging.getLogger("reconcile")
+
+__all__ = [
+    "BOOT_SIZE_BUDGET",
+    "BudgetSpent",
+    "DiskObserver",
+    "ReclaimLedger",
+    "layer_ids",
+    "reported_layer_paths",
+    "tree_bytes",
+]
+
+#: Seconds the boot pass (``--once``, which the worker waits for) gives to sizing unknown
+#: folders: a Windows layer holds some 100,000 files, each one a stat.
+BOOT_SIZE_BUDGET = 5.0
+#: Entries walked between two reads of the clock when sizing has a deadline.
+_CLOCK_EVERY = 256
 
 _SEP = r"[\\/]+"
 
@@ -88,9 +105,15 @@ def mount_paths(text: str) -> Iterator[str]:
                 yield from (p for p in parents if isinstance(p, str))
 
 
-def tree_bytes(path: str) -> int:
+class BudgetSpent(Exception):
+    """The time given to sizing ran out in the middle of a walk."""
+
+
+def tree_bytes(path: str, *, deadline: float | None = None, clock: Callable[[], float] = time.monotonic) -> int:
     """Bytes of the regular files under ``path``; links are not followed, a hard-linked file
-    counts once, and files or folders that go (or cannot be read) during the walk are skipped."""
+    counts once, and files or folders that go (or cannot be read) during the walk are skipped.
+
+    With a ``deadline`` (on ``clock``), :class:`BudgetSpent` is raised once it has passed."""
     top = platform.long_path(path)
     try:
         st = os.lstat(top)
@@ -103,6 +126,7 @@ def tree_bytes(path: str) -> int:
     total = 0
     seen: set[tuple[int, int]] = set()
     stack = [top]
+    walked = 0
     while stack:
         try:
             it = os.scandir(stack.pop())
@@ -110,6 +134,9 @@ def tree_bytes(path: str) -> int:
             continue
         with it:
             for item in it:
+                walked += 1
+                if deadline is not None and walked % _CLOCK_EVERY == 0 and clock() >= deadline:
+                    raise BudgetSpent(path)
                 try:
                     est = item.stat(follow_symlinks=False)
                 except OSError:
@@ -153,11 +180,22 @@ class DiskObserver:
         for_namespace: Callable[[str], Ctr] | None = None,
         remeasure: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
+        size_budget: float | None = None,
     ) -> None:
         self.ctr = ctr
         #: Seconds before an unknown folder's bytes are walked again though its stamp is the same.
         self.remeasure = remeasure
         self.clock = clock
+        #: Seconds (on ``clock``) a look may spend sizing unknown folders; None: no limit. Every
+        #: unknown folder is listed and counted whatever the budget; those it leaves unsized are
+        #: reported with 0 bytes and named in :attr:`unsized`, with :attr:`note` saying why.
+        self.size_budget = size_budget
+        #: Of the last look: the unknown folders it did not size, and why (None: all sized).
+        self.unsized: tuple[str, ...] = ()
+        self.note: str | None = None
+        #: Paths a look left unsized; later looks leave them so, so that the bytes two looks
+        #: report compare (growth of ``rm-*`` bytes is read as removals' leftovers).
+        self._unsized_paths: set[str] = set()
         self._sizes: dict[str, tuple[tuple[int, int, int], float, int]] = {}
         #: A Ctr for another namespace (its own, so its calls are counted here, not in the pass's).
         self.for_namespace = for_namespace or (lambda name: Ctr(replace(ctr.settings, namespace=name)))
@@ -204,17 +242,20 @@ class DiskObserver:
                 unknown.extend((n, "unclaimed") for n in candidates)
             else:
                 unattributed = surplus
-        found = tuple(UnknownFolder(name=n, reason=r, size_bytes=self._size(folder, n)) for n, r in unknown)
+        found = self._sized(folder, unknown)
         current = {os.path.join(folder, n) for n, _ in unknown}
         self._sizes = {path: known for path, known in self._sizes.items() if path in current}
+        self._unsized_paths &= current
         return DiskDrift(
             folder=folder,
             snapshots=snapshots,
             snapshot_folders=len(ids),
             unknown=found,
-            unknown_bytes=sum(f.size_bytes for f in found),
-            removed_bytes=sum(f.size_bytes for f in found if f.reason == "removed"),
+            unknown_bytes=sum(f.size_bytes or 0 for f in found),
+            removed_bytes=sum(f.size_bytes or 0 for f in found if f.reason == "removed"),
             unattributed=unattributed,
+            unsized=len(self.unsized),
+            note=self.note,
         )
 
     def observe_states(self, containerd: ContainerdState, store: StoreState) -> DiskDrift:
@@ -228,9 +269,37 @@ class DiskObserver:
         removed (None when it measured nothing) and this pass's look at the disk."""
         return None if removed_bytes is None else self.ledger.account(removed_bytes, drift)
 
-    def _size(self, folder: str, name: str) -> int:
+    def _sized(self, folder: str, unknown: list[tuple[str, UnknownReason]]) -> tuple[UnknownFolder, ...]:
+        """The unknown folders with their bytes, sized while the budget lasts (those already
+        measured first: they cost a stat each); the rest with 0 bytes, named in ``unsized``."""
+        budget = self.size_budget
+        deadline = None if budget is None else self.clock() + budget
+        order = sorted(unknown, key=lambda nr: os.path.join(folder, nr[0]) not in self._sizes)
+        sizes: dict[str, int] = {}
+        unsized: list[str] = []
+        for name, _ in order:
+            size = self._size(folder, name, deadline)
+            if size is None:
+                unsized.append(name)
+                self._unsized_paths.add(os.path.join(folder, name))
+            else:
+                sizes[name] = size
+        left = set(unsized)
+        self.unsized = tuple(n for n, _ in unknown if n in left)
+        self.note = None
+        if self.unsized:
+            self.note = f"not sized: boot budget of {budget:g} s spent; the daemon sizes them"
+            log.info(
+                "%d of %d unknown folders in %s %s", len(self.unsized), len(unknown), folder, self.note,
+                extra={"unsized": len(self.unsized)},
+            )  # fmt: skip
+        return tuple(UnknownFolder(name=n, reason=r, size_bytes=sizes.get(n)) for n, r in unknown)
+
+    def _size(self, folder: str, name: str, deadline: float | None = None) -> int | None:
         """A folder's bytes, walked again only when its own stamp changed or ``remeasure`` passed:
-        nothing writes into a folder containerd has dropped, and a layer can hold 100,000 files."""
+        nothing writes into a folder containerd has dropped, and a layer can hold 100,000 files.
+        None when the ``deadline`` passed before its walk ended, or an earlier budgeted look
+        left it unsized (it stays unsized, so the bytes of two looks compare)."""
         path = os.path.join(folder, name)
         try:
             st = os.lstat(platform.long_path(path))
@@ -241,7 +310,15 @@ class DiskObserver:
         known = self._sizes.get(path)
         if known is not None and known[0] == stamp and now - known[1] < self.remeasure:
             return known[2]
-        size = tree_bytes(path)
+        if deadline is None:
+            size = tree_bytes(path)
+        else:
+            if path in self._unsized_paths or now >= deadline:
+                return None
+            try:
+                size = tree_bytes(path, deadline=deadline, clock=self.clock)
+            except BudgetSpent:
+                return None
         self._sizes[path] = (stamp, now, size)
         return size
 

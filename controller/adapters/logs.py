@@ -6,8 +6,11 @@ into log lines (text or JSON) and a progress bar on a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -131,6 +134,8 @@ class ProgressReporter(Reporter):
 
     def pass_started(self, number: int, plan: Plan) -> None:
         self.close()
+        if sys.stderr is None:  # pythonw, or detached: nowhere to draw
+            return
         self.bar = self._tqdm(total=plan.action_count, desc=f"pass {number}", unit="obj", file=sys.stderr)
 
     def removed(self, kind: Kind, name: str, reason: str, outcome: Outcome) -> None:
@@ -167,7 +172,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Log lines to stderr, as text or JSON. Without a stderr (``pythonw``, a detached process)
+    the handler put in place writes nowhere, but carries the formatter (a log file's handler
+    takes it from there)."""
+    handler: logging.Handler = logging.StreamHandler(sys.stderr) if sys.stderr is not None else logging.NullHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -176,3 +184,103 @@ def configure_logging(fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
+
+
+#: The log file (``--log-file``): rotated at this size, this many backups kept.
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
+LOG_FILE_BACKUPS = 5
+
+
+class CopyTruncateFileHandler(logging.FileHandler):
+    """A log file rotated without ever renaming it: at ``max_bytes`` its content is copied to
+    ``NAME.1`` (older backups shifted to ``NAME.2`` ... ``NAME.<backup_count>``, the oldest
+    dropped), then the live file is truncated in place; it stays open in append mode, so the
+    next line goes at its new end.
+
+    ``logging.handlers.RotatingFileHandler`` renames the live file instead, which on Windows
+    fails while any reader holds it (``Get-Content -Wait``, a log shipper): each later record
+    then retries, deletes a backup each time, and is lost. Here a rotation that fails leaves
+    every file as it was (a backup is dropped only once its successor exists) and the record is
+    written anyway; the failure is reported once (``handleError``, which needs no stderr), and
+    tried again after the file has grown by another tenth of ``max_bytes``."""
+
+    def __init__(
+        self,
+        filename: str | os.PathLike[str],
+        *,
+        max_bytes: int = LOG_FILE_MAX_BYTES,
+        backup_count: int = LOG_FILE_BACKUPS,
+        encoding: str = "utf-8",
+    ) -> None:
+        super().__init__(filename, mode="a", encoding=encoding)
+        self.max_bytes = max_bytes
+        self.backup_count = backup_count
+        #: After a failed rotation: the size the file must reach before the next try.
+        self._retry_at = 0
+        self._reported = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            size = self._size_with(record)
+        except Exception:
+            size = None
+        if size is not None and size >= self.max_bytes and size >= self._retry_at and self.backup_count > 0:
+            try:
+                self.rotate()
+            except Exception:
+                self._retry_at = size + max(1, self.max_bytes // 10)
+                if not self._reported:
+                    self._reported = True
+                    self.handleError(record)
+            else:
+                self._retry_at = 0
+                self._reported = False
+        super().emit(record)  # whatever became of the rotation
+
+    def _size_with(self, record: logging.LogRecord) -> int | None:
+        """The file's size once ``record`` is written; None when it is not a regular file."""
+        if self.stream is None:
+            self.stream = self._open()
+        if not os.path.isfile(self.baseFilename):
+            return None
+        line = self.format(record) + self.terminator
+        self.stream.seek(0, os.SEEK_END)
+        return int(self.stream.tell()) + len(line.encode(self.encoding or "utf-8", "replace"))
+
+    def backup(self, n: int) -> str:
+        return f"{self.baseFilename}.{n}"
+
+    def rotate(self) -> None:
+        """Copy, shift, truncate; on any failure, what was done is undone and the error raised."""
+        assert self.stream is not None
+        self.stream.flush()
+        fresh = f"{self.baseFilename}.rotating"
+        with open(self.baseFilename, "rb") as src, open(fresh, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        done: list[tuple[str, str]] = []  # renames made, to undo on failure
+        oldest = self.backup(self.backup_count)
+        dropped = f"{oldest}.dropped"
+        try:
+            if os.path.lexists(oldest):
+                if os.path.lexists(dropped):
+                    os.unlink(dropped)  # a dropped backup a past rotation could not delete
+                os.replace(oldest, dropped)
+                done.append((oldest, dropped))
+            for n in range(self.backup_count - 1, 0, -1):
+                if os.path.lexists(self.backup(n)):
+                    os.replace(self.backup(n), self.backup(n + 1))
+                    done.append((self.backup(n), self.backup(n + 1)))
+            os.replace(fresh, self.backup(1))
+            done.append((fresh, self.backup(1)))
+            self.stream.truncate(0)
+            self.stream.seek(0, os.SEEK_END)
+        except BaseException:
+            for src_name, dst_name in reversed(done):
+                with contextlib.suppress(OSError):
+                    os.replace(dst_name, src_name)
+            with contextlib.suppress(OSError):
+                os.unlink(fresh)
+            raise
+        # Only now, its successor in place; still held open, it goes at a later rotation.
+        with contextlib.suppress(OSError):
+            os.unlink(dropped)

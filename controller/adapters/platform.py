@@ -272,13 +272,37 @@ async def signals() -> AsyncIterator[Literal["reload", "stop"]]:
 CREATE_NEW_PROCESS_GROUP = 0x00000200
 
 
+#: Windows' CREATE_NO_WINDOW: a console program started without a console of its own.
+CREATE_NO_WINDOW = 0x08000000
+
+#: Whether this process has no console (a service, ``pythonw``, detached); asked once.
+_no_console: bool | None = None
+
+
+def _has_no_console() -> bool:
+    """Windows: whether this process has no console window (``GetConsoleWindow() == 0``).
+    Asked once; when it cannot be asked, the process is taken to have one (no flag added)."""
+    global _no_console
+    if _no_console is None:
+        try:
+            import ctypes
+
+            _no_console = ctypes.windll.kernel32.GetConsoleWindow() == 0  # type: ignore[attr-defined,unused-ignore]
+        except (AttributeError, OSError):
+            _no_console = False
+    return bool(_no_console)
+
+
 def child_process_options() -> dict[str, Any]:
     """``subprocess`` options for a ctr child: its own process group, so a console's Ctrl-C or
     Ctrl-Break (a terminal's SIGINT on POSIX) reaches us, not the ctr call under way, which
     then finishes as a stop promises. Windows disables Ctrl-C in a new group; Ctrl-Break
-    goes to the group it is sent to."""
+    goes to the group it is sent to. A process without a console (a service) starts each
+    child with CREATE_NO_WINDOW too: else Windows gives every ctr call a (hidden) console of
+    its own, a conhost.exe each."""
     if IS_WINDOWS:
-        return {"creationflags": CREATE_NEW_PROCESS_GROUP}
+        flags = CREATE_NEW_PROCESS_GROUP | (CREATE_NO_WINDOW if _has_no_console() else 0)
+        return {"creationflags": flags}
     return {"process_group": 0}
 
 

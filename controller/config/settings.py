@@ -14,7 +14,7 @@ from pathlib import Path
 from controller.adapters import platform
 from controller.adapters.containerd import CtrContainerd
 from controller.adapters.ctr import Ctr, CtrSettings
-from controller.adapters.disk import DiskObserver
+from controller.adapters.disk import BOOT_SIZE_BUDGET, DiskObserver
 from controller.adapters.lock import STATE_DIR
 from controller.adapters.store import FsStore
 from controller.config.policy import load_policy
@@ -73,8 +73,9 @@ class Settings:
             disk_every=self.interval if mode is Mode.DAEMON else None,
         )
 
-    def ports(self, reporter: Reporter) -> Ports:
-        """The real world for a pass: ctr against containerd, the store on disk, the wall clock."""
+    def ports(self, reporter: Reporter, *, boot: bool = False) -> Ports:
+        """The real world for a pass: ctr against containerd, the store on disk, the wall clock.
+        ``boot``: the worker waits for this run, so the disk look sizes folders only within a budget."""
         prefix = self.spec.ownership.container_prefix
         # The store is read as an informer would: parsed entries cached between passes, and a
         # full read every resync interval.
@@ -84,7 +85,8 @@ class Settings:
             store=store,
             reporter=reporter,
             clock=WallClock(),
-            disk=DiskObserver(Ctr(self.ctr)),  # its own Ctr: its calls are counted apart
+            # Its own Ctr: its calls are counted apart.
+            disk=DiskObserver(Ctr(self.ctr), size_budget=BOOT_SIZE_BUDGET if boot else None),
         )
 
 

@@ -27,8 +27,9 @@ class UnknownFolder(Record):
 
     name: str
     reason: UnknownReason
-    #: Bytes of the files under it (links not followed, hard links counted once).
-    size_bytes: int
+    #: Bytes of the files under it (links not followed, hard links counted once); None: not
+    #: sized (the boot pass's sizing budget ran out: the daemon sizes it).
+    size_bytes: int | None
 
 
 class DiskDrift(Record):
@@ -53,11 +54,14 @@ class DiskDrift(Record):
     unattributed: int = 0
     #: ctr processes this look started (one listing per namespace: they share the folder).
     calls: int = 0
+    #: Unknown folders left unsized (their bytes are not in the totals), and why.
+    unsized: int = 0
+    note: str | None = None
 
     def by_reason(self) -> dict[str, tuple[int, int]]:
         """Folders and bytes per reason, every reason present (0, 0 when none)."""
         out: dict[str, tuple[int, int]] = {reason: (0, 0) for reason in UNKNOWN_REASONS}
         for f in self.unknown:
             folders, size = out[f.reason]
-            out[f.reason] = (folders + 1, size + f.size_bytes)
+            out[f.reason] = (folders + 1, size + (f.size_bytes or 0))
         return out
