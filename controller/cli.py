@@ -138,7 +138,9 @@ def build_service_parser() -> argparse.ArgumentParser:
     p.description = (
         "The reconcile service: waits for containerd, runs the boot pass (--once semantics) while it reports "
         "start-pending, then reports running and goes on as the daemon; a stop lets the action under way finish. "
-        "A boot pass that must keep the worker down stops the service as failed, with the reason."
+        "The worker, which depends on it, ends running unless starting it would do harm (a store that is not "
+        "ready, another repair holding the lock): those are tried again while start-pending, then stop the "
+        "service as failed, with the reason."
     )
     p.add_argument(
         "--console",
@@ -150,6 +152,14 @@ def build_service_parser() -> argparse.ArgumentParser:
         default="obuilder-reconcile",
         metavar="NAME",
         help="the service's name (its Event Log source; default obuilder-reconcile)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="where the service remembers, past a restart, that it kept the worker down (default: "
+        + platform.machine_state_dir()
+        + ")",
     )
     return p
 

@@ -8,6 +8,7 @@ runs the loop (``controller.daemon``), ``--explain`` takes one look and says why
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
@@ -322,6 +323,33 @@ class ServiceSteps:
             self.lock.__exit__(None, None, None)
             self.lock = None
 
+    @property
+    def _kept_down(self) -> Path:
+        return Path(self.args.state_dir or platform.machine_state_dir()) / "worker-kept-down.json"
+
+    def keep_worker_down(self, why: str) -> None:
+        settings = self.settings
+        name = settings.spec.worker.service_name if settings is not None else None
+        if not name:
+            logging.getLogger("reconcile").warning(
+                "the worker stays down; spec.worker.serviceName is not set, so a later start of ours cannot start it"
+            )
+            return
+        self._kept_down.parent.mkdir(parents=True, exist_ok=True)
+        self._kept_down.write_text(json.dumps({"service": name, "why": why}), encoding="utf-8")
+
+    def worker_kept_down(self) -> str | None:
+        try:
+            said = json.loads(self._kept_down.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            logging.getLogger("reconcile").error("%s: unreadable (%s); removed", self._kept_down, e)
+            said = {}
+        self._kept_down.unlink(missing_ok=True)
+        name = said.get("service") if isinstance(said, dict) else None
+        return name if isinstance(name, str) and name else None
+
 
 def run_service(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """``reconcile service``: under the Windows service manager, or in this console."""
@@ -349,6 +377,11 @@ class ConsoleManager:
 
     def report(self, status: Status) -> None:
         logging.getLogger("reconcile").info("service %s", status_line(status))
+
+    def start_service(self, name: str) -> None:
+        # No service manager here (a systemd unit's RequiredBy= starts the worker on its own).
+        log = logging.getLogger("reconcile")
+        log.warning("service %s was kept down earlier: start it (no service manager here)", name)
 
 
 def status_line(status: Status) -> str:

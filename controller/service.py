@@ -8,12 +8,20 @@
     stopped        with exit code 0, or with the code and reason of a failure
 
 The service manager starts the worker only once this service reports running, so the
-worker never starts before the repair. A boot pass that ends in a way that must keep the
-worker down (``ExitRule.start_worker`` false: a bad policy, a store that is not ready,
-another repair holding the lock, containerd not answering, no ctr) stops the service as
-failed, with the reason, before it ever reports running: the worker, which depends on it,
-does not start, and the manager says why. A boot pass that merely did not converge goes on
-to running: what it repaired stays repaired and the daemon keeps trying.
+worker never starts before the repair. After any boot the worker ends running unless
+starting it would do harm (``ExitRule.start_worker`` false: a store that is not ready,
+another repair holding the lock; see ``controller.model.errors.EXIT_RULES``). Those are
+tried again while start-pending (a volume mounted late, a repair that ends), as is
+containerd answering late; a harm that persists stops the service as failed, with the
+reason, before it ever reports running, and the worker, which depends on it, does not
+start. Every other outcome of ours, a bug included, goes on to running, so the worker
+starts; what keeps reconciliation from running is said as an error. When a later start
+(a recovery restart) reaches running after a run that kept the worker down, the service
+starts the worker itself: the manager does not start a dependent again on its own.
+
+While start-pending or stop-pending the service accepts no control (Microsoft's contract
+for SetServiceStatus: a stop asked then is refused by the manager with 1061); a console's
+Ctrl-C or Ctrl-Break still stops it after the action under way.
 
 The steps (what waiting, the boot pass and the daemon do) and the manager come from
 outside: ``controller.commands`` wires the real ones, ``controller.adapters.winservice``
@@ -24,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -53,10 +63,22 @@ class Status:
     exit_code: ExitCode = ExitCode.OK
     #: What we are doing, or why we stopped.
     reason: str = ""
+    #: Running, but reconciliation cannot run as configured (or the boot pass failed): the
+    #: manager's side says it as an error, where an admin looks (the Event Log).
+    degraded: bool = False
+
+    @property
+    def accepts_stop(self) -> bool:
+        """Controls are accepted only while running: never while start- or stop-pending."""
+        return self.state is State.RUNNING
 
 
 class ServiceManager(Protocol):
     def report(self, status: Status) -> None: ...
+
+    def start_service(self, name: str) -> None:
+        """Start another service (the worker, which an earlier run kept down)."""
+        ...
 
 
 class StopRequested(Exception):
@@ -81,6 +103,20 @@ class Steps(Protocol):
         """Release what the steps hold (the store's lock), whatever happened."""
         ...
 
+    def keep_worker_down(self, why: str) -> None:
+        """Remember, past this process, that this run keeps the worker down, and why."""
+        ...
+
+    def worker_kept_down(self) -> str | None:
+        """The worker's service name if an earlier run kept it down (the memory is then cleared)."""
+        ...
+
+
+class _KeepDown(Exception):
+    def __init__(self, code: ExitCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
 
 class ReconcileService:
     def __init__(
@@ -90,11 +126,17 @@ class ReconcileService:
         *,
         checkpoint_every: float = 5.0,
         wait_hint: float = 30.0,
+        retry_for: float = 600.0,
+        retry_every: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.manager = manager
         self.steps = steps
         self.checkpoint_every = checkpoint_every
         self.wait_hint = wait_hint
+        #: How long a boot pass whose cause may go away is tried again while start-pending.
+        self.retry_for, self.retry_every = retry_for, retry_every
+        self.clock = clock
         #: The one stop flag: the service manager's stop and a console's Ctrl-C/Ctrl-Break both set it.
         self.stop = threading.Event()
         self._lock = threading.Lock()
@@ -159,23 +201,23 @@ class ReconcileService:
 
     def _phases(self) -> tuple[ExitCode, str]:
         try:
-            self.steps.wait_for_containerd(self.stop)
-            self._move(State.START_PENDING, "boot pass")
-            boot = self.steps.boot_pass(self.stop)
+            boot, trouble = self._boot()
         except StopRequested:
             return ExitCode.OK, "stopped before the boot pass ended"
-        except ReconcileError as e:
-            boot = exit_code_for(e)
-            rule = RULE_FOR[boot]
-            if not rule.start_worker:
-                return boot, f"boot pass: {e} (exit {int(boot)}: {rule.why}; the worker stays down)"
-            log.warning("boot pass: %s (exit %d: %s; the worker starts)", e, boot, rule.why)
+        except _KeepDown as e:
+            self.steps.keep_worker_down(e.reason)
+            return e.code, e.reason
         if self.stop.is_set():
             return ExitCode.OK, "stopped during the boot pass, after the action under way"
-        if boot != ExitCode.OK:
-            log.warning("boot pass ended with exit %d (%s); the worker starts", boot, RULE_FOR[boot].meaning)
-        if not self._move(State.RUNNING, f"boot pass exit {int(boot)}; running as the daemon"):
+        if trouble is not None:
+            reason = f"{trouble}; the worker starts, running as the daemon"
+        else:
+            reason = f"boot pass exit {int(boot)}; running as the daemon"
+            if boot != ExitCode.OK:
+                log.warning("boot pass ended with exit %d (%s); the worker starts", boot, RULE_FOR[boot].meaning)
+        if not self._move(State.RUNNING, reason, degraded=trouble is not None):
             return ExitCode.OK, "stopped after the boot pass"
+        self._start_a_worker_kept_down()
         try:
             code = self.steps.daemon(self.stop)
         except StopRequested:
@@ -185,15 +227,61 @@ class ReconcileService:
             return code, f"daemon: {e} (exit {int(code)})"
         return code, "stopped" if code == ExitCode.OK else f"daemon ended with exit {int(code)}"
 
-    def _move(self, state: State, reason: str) -> bool:
+    def _boot(self) -> tuple[ExitCode, str | None]:
+        """Wait for containerd and run the boot pass, again while start-pending as long as what fails
+        it may go away. Returns its exit code and, when the worker must start although the repair
+        could not run as configured, why (said as an error). Raises ``_KeepDown`` for a harm that
+        persists, ``StopRequested`` for a stop."""
+        deadline = self.clock() + self.retry_for
+        while True:
+            try:
+                self.steps.wait_for_containerd(self.stop)
+                self._move(State.START_PENDING, "boot pass")
+                return self.steps.boot_pass(self.stop), None
+            except StopRequested:
+                raise
+            except ReconcileError as e:
+                code = exit_code_for(e)
+                rule = RULE_FOR[code]
+                what = f"boot pass: {e} (exit {int(code)}: {rule.why})"
+                if rule.retried and self.clock() < deadline:
+                    log.warning("%s; trying again in %g s", what, self.retry_every)
+                    self._move(State.START_PENDING, f"{what}; trying again")
+                    if self.stop.wait(self.retry_every):
+                        raise StopRequested from e
+                    continue
+                if not rule.start_worker:
+                    raise _KeepDown(code, f"{what}; the worker stays down") from e
+                if rule.degraded:
+                    log.error("%s; the worker starts without the boot repair", what)
+                    return code, what
+                log.warning("%s; the worker starts", what)
+                return code, None
+            except Exception as e:
+                # A bug of ours must not cost the worker: it starts, and the daemon tries again.
+                log.exception("boot pass failed unexpectedly; the worker starts without the boot repair")
+                return ExitCode.NOT_CONVERGED, f"boot pass failed unexpectedly: {type(e).__name__}: {e}"
+
+    def _start_a_worker_kept_down(self) -> None:
+        """The manager starts a dependent only when it starts it: a worker an earlier run kept down
+        stays down after our recovery restart unless we start it."""
+        try:
+            name = self.steps.worker_kept_down()
+            if name:
+                self.manager.start_service(name)
+                log.info("started the worker's service %s, which an earlier start of ours kept down", name)
+        except Exception as e:
+            log.error("could not start the worker's service, which an earlier start of ours kept down: %s", e)
+
+    def _move(self, state: State, reason: str, *, degraded: bool = False) -> bool:
         """Enter ``state`` unless a stop came first (then stop-pending stays)."""
         with self._lock:
             if self.stop.is_set():
                 return False
-            self._enter(state, reason)
+            self._enter(state, reason, degraded=degraded)
             return True
 
-    def _enter(self, state: State, reason: str) -> None:
+    def _enter(self, state: State, reason: str, *, degraded: bool = False) -> None:
         # Called with the lock held, so reports never cross.
         pending = state in (State.START_PENDING, State.STOP_PENDING)
         self._status = Status(
@@ -201,6 +289,7 @@ class ReconcileService:
             checkpoint=self._status.checkpoint + 1 if pending else 0,
             wait_hint=self.wait_hint if pending else 0.0,
             reason=reason,
+            degraded=degraded,
         )
         self.manager.report(self._status)
 

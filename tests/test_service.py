@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import build_check_policy_parser, build_service_parser
+from controller.cli import build_service_parser
 from controller.commands import ServiceSteps
 from controller.model.errors import (
     EXIT_RULES,
@@ -30,7 +29,6 @@ from controller.model.errors import (
     StoreSanityError,
     UsageError,
 )
-from controller.model.policy import WorkerSpec
 from controller.service import ReconcileService, State, Status, StopRequested
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
 from tests.support.pywin32 import FakeWin32
@@ -44,12 +42,16 @@ class Recorder:
 
     def __init__(self) -> None:
         self.reports: list[Status] = []
+        self.started: list[str] = []
         self.changed = threading.Condition()
 
     def report(self, status: Status) -> None:
         with self.changed:
             self.reports.append(status)
             self.changed.notify_all()
+
+    def start_service(self, name: str) -> None:
+        self.started.append(name)
 
     def states(self) -> list[State]:
         """The states in order, repeats (checkpoints) folded."""
@@ -107,6 +109,12 @@ class FakeSteps:
     def close(self) -> None:
         self.calls.append("close")
 
+    def keep_worker_down(self, why: str) -> None:
+        self.calls.append("keep the worker down")
+
+    def worker_kept_down(self) -> str | None:
+        return None
+
 
 def started(service: ReconcileService) -> tuple[threading.Thread, list[ExitCode]]:
     out: list[ExitCode] = []
@@ -148,13 +156,16 @@ def test_a_boot_pass_error_keeps_the_worker_down_exactly_when_the_contract_says(
 
     assert isinstance(rule, ExitRule)
     manager, steps = Recorder(), FakeSteps(boot=_first_error(rule.errors))
-    service = ReconcileService(manager, steps, checkpoint_every=0.05)
+    service = ReconcileService(manager, steps, checkpoint_every=0.05, retry_for=0.2, retry_every=0.02)
     t, code = started(service)
+    tries = steps.calls.count  # read after the run
     if rule.start_worker:
         manager.wait_for(State.RUNNING)
         service.request_stop()
         t.join(10)
         assert code == [ExitCode.OK] and "daemon" in steps.calls
+        running = next(r for r in manager.reports if r.state is State.RUNNING)
+        assert running.degraded == rule.degraded, "what keeps reconciliation from running is said as an error"
     else:
         t.join(10)
         assert code == [rule.code]
@@ -162,7 +173,8 @@ def test_a_boot_pass_error_keeps_the_worker_down_exactly_when_the_contract_says(
         last = manager.reports[-1]
         assert last.state is State.STOPPED and last.exit_code == rule.code
         assert "what went wrong" in last.reason and rule.why in last.reason and "the worker stays down" in last.reason
-        assert steps.calls == ["wait", "boot", "close"]
+        assert steps.calls[-2:] == ["keep the worker down", "close"]
+    assert (tries("boot") > 1) == rule.retried, "tried again while start-pending exactly when its cause may go away"
 
 
 def test_a_boot_pass_that_did_not_converge_goes_on_running() -> None:
@@ -175,12 +187,17 @@ def test_a_boot_pass_that_did_not_converge_goes_on_running() -> None:
     t.join(10)
 
 
-def test_containerd_not_answering_fails_the_start_with_its_own_code() -> None:
+def test_containerd_not_answering_is_waited_for_then_the_worker_starts_and_we_say_why() -> None:
     manager, steps = Recorder(), FakeSteps(wait=ContainerdUnreachableError("containerd did not answer within 2m"))
-    code = ReconcileService(manager, steps, checkpoint_every=0.05).run()
-    assert code == ExitCode.CONTAINERD_UNREACHABLE and steps.calls == ["wait", "close"]
-    assert manager.states() == [State.START_PENDING, State.STOPPED]
-    assert "did not answer within 2m" in manager.reports[-1].reason
+    service = ReconcileService(manager, steps, checkpoint_every=0.05, retry_for=0.2, retry_every=0.02)
+    t, code = started(service)
+    manager.wait_for(State.RUNNING)
+    service.request_stop()
+    t.join(10)
+    assert code == [ExitCode.OK]
+    assert steps.calls.count("wait") > 1 and "boot" not in steps.calls and "daemon" in steps.calls
+    running = next(r for r in manager.reports if r.state is State.RUNNING)
+    assert running.degraded and "did not answer within 2m" in running.reason and "the worker starts" in running.reason
 
 
 def test_a_stop_during_the_boot_pass_finishes_the_action_under_way_and_never_reports_running() -> None:
@@ -425,7 +442,9 @@ def test_the_windows_adapter_reports_start_pending_until_the_boot_pass_ends_then
     # Interrogated throughout, it never said running before the boot pass was over.
     assert set(states[:first_running]) == {FakeWin32.SERVICE_START_PENDING} and steps.done == 5
     start = fake.statuses[0]
-    assert start[2] == FakeWin32.SERVICE_ACCEPT_STOP | FakeWin32.SERVICE_ACCEPT_SHUTDOWN, "a stop could not arrive"
+    # SetServiceStatus's contract: no control accepted while start-pending; stop and shutdown once running.
+    assert start[2] == 0, "accepts controls while start-pending"
+    assert fake.statuses[first_running][2] == FakeWin32.SERVICE_ACCEPT_STOP | FakeWin32.SERVICE_ACCEPT_SHUTDOWN
     assert start[5] >= 1 and start[6] == 30_000
     assert fake.statuses[-1] == (0x10, FakeWin32.SERVICE_STOPPED, 0, 0, 0, 0, 0)
     assert FakeWin32.SERVICE_STOP_PENDING in states
@@ -441,7 +460,7 @@ def test_the_windows_adapter_fails_the_start_with_our_code_and_says_why_in_the_e
     exits: list[tuple[int, int]] = []
     winservice.host(
         "obuilder-reconcile",
-        lambda m: ReconcileService(m, steps, checkpoint_every=0.02),
+        lambda m: ReconcileService(m, steps, checkpoint_every=0.02, retry_for=0.1, retry_every=0.02),
         exit_process=lambda code: exits.append((code, len(fake.statuses))),
     )
     # pywin32's host would report "stopped, exit 0" after SvcRun: the process ends first, with our
@@ -470,93 +489,3 @@ def test_ctr_children_get_their_own_process_group_on_both_systems(monkeypatch: p
     assert platform.child_process_options() == {"process_group": 0}
     monkeypatch.setattr(platform, "IS_WINDOWS", True)
     assert platform.child_process_options() == {"creationflags": 0x200}  # CREATE_NEW_PROCESS_GROUP
-
-
-# -- the Windows installer: it cannot run here, so its structure is checked against the Python side
-
-INSTALLER = Path(__file__).parent.parent / "examples" / "windows" / "install-obuilder-reconcile.ps1"
-#: PowerShell's automatic variables the script may use without defining them.
-AUTOMATIC = {"_", "true", "false", "null", "LASTEXITCODE", "ErrorActionPreference", "Matches"}
-
-
-def _ps_code(text: str) -> str:
-    """The script without its comments (the help block and # lines), where names are prose."""
-    text = re.sub(r"<#.*?#>", "", text, flags=re.S)
-    return "\n".join(line.split(" # ")[0] if not line.lstrip().startswith("#") else "" for line in text.splitlines())
-
-
-def test_the_installer_uses_only_variables_it_defines() -> None:
-    # Set-StrictMode makes an undefined variable a failure on Windows; here it is caught on Linux.
-    code = _ps_code(INSTALLER.read_text())
-    params = set(re.findall(r"\[(?:string|switch)\]\s*\$(\w+)", code.split(")\nSet-StrictMode")[0]))
-    assert {"Python", "Policy", "Uninstall", "ServiceName", "StateDir", "WorkerExe", "ContainerdService"} <= params
-    assigned = set(re.findall(r"\$(\w+)\s*=[^=]", code))
-    loops = set(re.findall(r"foreach\s*\(\$(\w+)\s+in", code))
-    function_params = {
-        v for sig in re.findall(r"function [\w-]+\(([^)]*)\)", code) for v in re.findall(r"\$(\w+)", sig)
-    }
-    used = set(re.findall(r"\$\{?([A-Za-z_]\w*)", code)) - {"env"}
-    undefined = used - params - assigned - loops - function_params - AUTOMATIC
-    assert not undefined, f"used but never defined: {sorted(undefined)}"
-
-
-def test_the_installer_calls_only_flags_and_subcommands_the_python_side_has() -> None:
-    code = _ps_code(INSTALLER.read_text())
-    bin_path = re.search(r"\$binPath = (.*?)\n\n", code, re.S)
-    assert bin_path is not None
-    service = bin_path.group(1)
-    assert "-m controller service " in service
-    known = build_service_parser()._option_string_actions
-    flags = re.findall(r"(--[\w-]+)", service)
-    assert flags and all(f in known for f in flags), [f for f in flags if f not in known]
-    assert "@('-m', 'controller', 'check-policy', $Policy)" in code, "the policy is not checked with check-policy"
-    # Windows PowerShell 5.1 throws on a native program's redirected stderr under 'Stop': native
-    # programs are run in one place, which takes their output as text.
-    native = code[code.index("function Invoke-Native") :]
-    native = native[: native.index("\n}\n")]
-    assert code.count("2>&1") == native.count("2>&1") == 1 and "$ErrorActionPreference = 'Continue'" in native
-    assert not re.search(r"^\s*& \$Python", code, re.M), "python.exe run outside Invoke-Native"
-    # What the issue found broken in the old script must not come back.
-    assert "--dry-run" not in code and "*>>" not in code and "RestartCount" not in code
-    assert "Register-ScheduledTask" not in code
-    # Recovery actions that apply to our failures (a stop with a non-zero code), not only crashes.
-    assert re.search(r"'failure', \$ServiceName, .*'restart/", code) and "'failureflag', $ServiceName, '1'" in code
-    # The worker is found by its executable, and depends on us.
-    assert "Win32_Service" in code and "PathName" in code and "-DependsOn $ContainerdService" in code
-
-
-def test_the_installer_refuses_a_policy_that_would_not_recognise_the_worker() -> None:
-    code = _ps_code(INSTALLER.read_text())
-    # It reads the effective policy through the one native-call helper, with a flag check-policy has.
-    calls = re.findall(r"\$(\w+) = Invoke-Native \$Python @\('-m', 'controller', 'check-policy', ([^)]*)\)\n", code)
-    known = build_check_policy_parser()._option_string_actions
-    ((effective, _),) = [(var, args) for var, args in calls if "--json" in args]
-    assert all(f in known for _, args in calls for f in re.findall(r"'(--[\w-]+)'", args))
-    assert f"${effective}.Code -ne 0" in code, "a failed check-policy --json is not caught"
-    assert f"(${effective}.Output | ConvertFrom-Json).spec.worker" in code
-    # The fields it reads are the policy's, as check-policy --json spells them.
-    fields = WorkerSpec().model_dump(mode="json", by_alias=True)
-    assert {"processNames", "serviceName"} <= set(fields) and ".processNames" in code and ".serviceName" in code
-    # The worker's executable as the process listing names it: file name, no .exe, lower case.
-    assert "GetFileNameWithoutExtension((Get-ExecutablePath $worker.PathName)).ToLowerInvariant()" in code
-    assert "$processNames -notcontains $workerName" in code
-    # Each refusal says what to change, and comes before anything is changed.
-    refusal = code[code.index("$processNames -notcontains $workerName") :]
-    refusal = refusal[: refusal.index("\n}")]
-    assert "throw" in refusal and "Add '$workerName' to" in refusal and "spec.worker.processNames in $Policy" in refusal
-    mismatch = code[code.index("$workerSpec.serviceName -ne $worker.Name") :]
-    mismatch = mismatch[: mismatch.index("\n}")]
-    assert "throw" in mismatch and "set spec.worker.serviceName: $($worker.Name) in $Policy" in mismatch
-    unset = code[code.index("if (-not $workerSpec.serviceName)") :]
-    assert "set spec.worker.serviceName: $($worker.Name)" in unset[: unset.index("} elseif")]
-    first_change = min(code.index(change) for change in ("New-Service", "Invoke-CimMethod", "Set-Dependencies $worker"))
-    assert code.index("$processNames -notcontains") < code.index("$workerSpec.serviceName -ne") < first_change
-
-
-def test_the_installer_examples_pass_only_parameters_it_declares() -> None:
-    text = INSTALLER.read_text()
-    code = _ps_code(text)
-    params = set(re.findall(r"\[(?:string|switch)\]\s*\$(\w+)", code))
-    examples = re.findall(r"^\.EXAMPLE\n(.*?)(?:\n\n|\n#>)", text, re.S | re.M)
-    used = {p for ex in examples for p in re.findall(r"\s-([A-Z]\w+)", ex)}
-    assert used and used <= params, used - params

@@ -318,6 +318,13 @@ def on_console_stop(stop: Callable[[], None]) -> None:
             signal.signal(getattr(signal, name), handler)
 
 
+def machine_state_dir() -> str:
+    """The machine's folder for the service's own state, outside any store (which may be unmounted)."""
+    if IS_WINDOWS:
+        return ntpath.join(os.environ.get("PROGRAMDATA") or r"C:\ProgramData", "obuilder-reconcile")
+    return "/var/lib/obuilder-reconcile"
+
+
 def has_service_manager() -> bool:
     """Whether ``reconcile service`` is hosted by a service manager we speak to (Windows'
     service control manager, through pywin32); elsewhere it runs in the console."""

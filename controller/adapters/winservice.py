@@ -12,9 +12,11 @@ event or by killing it. Here we report start-pending until the boot pass is over
 report a failure with our own exit code (the worker then does not start) when the boot
 pass must keep it down.
 
-pywin32's ``ServiceFramework.SvcRun`` reports running before any work, and its status
-calls accept no control while start-pending; both are replaced: a stop during the boot
-pass is honoured after the action under way, like any other. And pywin32's host reports
+pywin32's ``ServiceFramework.SvcRun`` reports running before any work: replaced, so the
+manager sees start-pending until the boot pass is over. No control is accepted while
+start- or stop-pending (SetServiceStatus's documentation: "do not register to accept
+controls while the status is SERVICE_START_PENDING"; ControlService then answers 1061,
+ERROR_SERVICE_CANNOT_ACCEPT_CTRL); stop and shutdown are accepted once running. And pywin32's host reports
 "stopped, exit 0" itself once ``SvcRun`` returns (``service_main`` in PythonService.cpp),
 which would overwrite a failure we reported: after a failure the process ends at once, with
 our code, so the failure (and the recovery actions it triggers) stands.
@@ -46,7 +48,7 @@ def service_status(status: Status, win32service: Any) -> tuple[int, int, int, in
         State.STOPPED: win32service.SERVICE_STOPPED,
     }[status.state]
     accepted = 0
-    if status.state in (State.START_PENDING, State.RUNNING):
+    if status.accepts_stop:
         accepted = win32service.SERVICE_ACCEPT_STOP | win32service.SERVICE_ACCEPT_SHUTDOWN
     failed = status.state is State.STOPPED and status.exit_code != 0
     return (
@@ -87,11 +89,16 @@ def host(
 
         def report(self, status: Status) -> None:
             win32service.SetServiceStatus(self.handle, service_status(status, win32service))
-            if status.state is State.STOPPED and status.exit_code != 0:
-                # The Event Log is where an admin looks first for why a service stopped.
+            failed = status.state is State.STOPPED and status.exit_code != 0
+            if failed or (status.state is State.RUNNING and status.degraded):
+                # The Event Log is where an admin looks first for why a service stopped, or why
+                # the worker runs without reconciliation.
                 servicemanager.LogErrorMsg(f"{name}: {status.reason}")
             elif status.state is State.RUNNING:
                 servicemanager.LogInfoMsg(f"{name}: {status.reason}")
+
+        def start_service(self, service: str) -> None:
+            win32serviceutil.StartService(service)
 
     class Service(win32serviceutil.ServiceFramework):  # type: ignore[misc,unused-ignore]
         _svc_name_ = name

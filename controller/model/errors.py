@@ -116,9 +116,25 @@ class ExitRule(NamedTuple):
     why: str
     #: The errors that exit with it (most specific first), none for codes a run's result gives.
     errors: tuple[type[ReconcileError], ...] = ()
+    #: Its cause may go away by itself (a volume mounted late, another repair ending, containerd
+    #: answering late): the service tries the boot pass again while start-pending first.
+    retried: bool = False
+    #: The worker starts but reconciliation cannot run as configured: said as an error (the Event
+    #: Log, the status file), not a warning.
+    degraded: bool = False
 
 
 #: The one table: code, meaning, what a boot chain does, and the errors behind it.
+#:
+#: Derived from one rule: after any boot the worker ends running, unless starting it would do
+#: harm that the README names. Our own failures (a policy we cannot read, a ctr we cannot run,
+#: a bug, containerd late) cost reconciliation, never the worker: the worker starts and we say
+#: loudly why reconciliation is not running. Only two outcomes name a harm: a store that is
+#: not ready (a worker started on an unmounted or half-there store builds on the wrong disk)
+#: and another repair holding the lock (it assumes the worker is down and would remove a live
+#: build's snapshots under it). Both may clear by themselves, so the service tries again while
+#: start-pending; if they persist the service stops as failed and the worker stays down; once a
+#: later start (a recovery restart) reaches running, the service starts the worker itself.
 EXIT_RULES: tuple[ExitRule, ...] = (
     ExitRule(ExitCode.OK, "converged (with --dry-run: nothing to do)", True, "the store is repaired"),
     ExitRule(
@@ -132,9 +148,11 @@ EXIT_RULES: tuple[ExitRule, ...] = (
     ExitRule(
         ExitCode.USAGE,
         "usage or policy error (nothing was touched)",
-        False,
-        "our configuration is broken: fix the policy (reconcile check-policy FILE) or the flags",
+        True,
+        "our configuration is broken, which must not cost the worker: it runs without reconciliation, said as an "
+        "error; fix the policy (reconcile check-policy FILE) or the flags",
         (UsageError, PolicyError),
+        degraded=True,
     ),
     ExitRule(ExitCode.DRIFT, "--dry-run found drift", True, "a dry run changes nothing"),
     ExitRule(
@@ -149,29 +167,38 @@ EXIT_RULES: tuple[ExitRule, ...] = (
         "the store is not ready: its volume is missing, or it lacks result/ or the DB, or the DB is not "
         "OBuilder's (nothing was touched)",
         False,
-        "an unmounted or half-there store: a worker started on it could build on the wrong disk",
+        "an unmounted or half-there store: a worker started on it could build on the wrong disk (tried again "
+        "while start-pending, in case its volume is mounted late)",
         (StoreSanityError,),
+        retried=True,
     ),
     ExitRule(
         ExitCode.LOCKED,
         "another reconcile holds the store's lock",
         False,
-        "another repair is under way (a --once with the worker down): a worker started now would run beside it",
+        "another repair is under way (a --once with the worker down): a worker started now would run beside it "
+        "(tried again while start-pending, until that repair ends)",
         (LockedError,),
+        retried=True,
     ),
     ExitRule(
         ExitCode.CONTAINERD_UNREACHABLE,
         "containerd did not answer within --wait-for-containerd",
-        False,
-        "the worker cannot build without containerd either; start it once containerd answers",
+        True,
+        "tried again while start-pending; then the worker starts all the same (it needs containerd too, and "
+        "nothing is lost) and the daemon waits for containerd beside it",
         (ContainerdUnreachableError,),
+        retried=True,
+        degraded=True,
     ),
     ExitRule(
         ExitCode.CTR_MISSING,
         "ctr is missing, not executable or not a program",
-        False,
-        "our configuration is broken: spec.containerd.ctr or --ctr names no program",
+        True,
+        "our configuration is broken, which must not cost the worker: it runs without reconciliation, said as an "
+        "error; spec.containerd.ctr or --ctr names no program",
         (CtrNotFoundError,),
+        degraded=True,
     ),
     ExitRule(
         ExitCode.WORKER_RUNNING,
