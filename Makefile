@@ -49,6 +49,7 @@ lint: setup
 	$(BIN)/ruff check controller tests examples bench tools
 	$(BIN)/mypy controller tests tools
 	$(BIN)/lint-imports
+	$(BIN)/python tools/ps_parse.py examples/windows/*.ps1
 
 # The mutation run over the safety rules (docs/development.md): breaks each rule on purpose and
 # checks a test fails. Slow (a minute or so, two mutants at a time), so not part of `make test`.
