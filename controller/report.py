@@ -129,7 +129,8 @@ def render_disk(run: RunReport) -> list[str]:
     if disk.unknown:
         lines.append(
             f"Disk: {len(disk.unknown)} folder(s) in {disk.folder} that containerd does not know hold "
-            f"{disk.unknown_bytes:,} bytes (see the README's runbook on disk space containerd does not account for):"
+            f"{disk.unknown_bytes:,} bytes (docs/operating.md has the runbook on disk space containerd does not "
+            "account for):"
         )
         lines += [
             f"  {f.name} ({f.reason}): " + ("not sized" if f.size_bytes is None else f"{f.size_bytes:,} bytes")
