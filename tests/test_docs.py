@@ -81,3 +81,19 @@ def test_slugs_follow_github() -> None:
     )
     assert slug("Installing on Linux (a containerd host)") == "installing-on-linux-a-containerd-host"
     assert slug("Is the `worker` running?") == "is-the-worker-running"
+
+
+def test_the_architecture_layer_tables_name_every_layer_of_the_import_contracts() -> None:
+    """The layer tables are the import-linter contracts as text: a layer added to pyproject.toml and
+    not to docs/architecture.md (or one renamed) fails here."""
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    rows = {m.replace("\\|", "|") for m in re.findall(r"^\| (`controller[^|]*?(?:\\\|[^|]*?)*) \|", doc, re.M)}
+    for contract in contracts:
+        if contract["type"] != "layers":
+            continue
+        for layer in contract["layers"]:
+            shown = " | ".join(f"`{m.strip()}`" for m in layer.split("|"))
+            assert shown in rows, f"{layer} is not a row of docs/architecture.md's layer tables"

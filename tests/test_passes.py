@@ -13,7 +13,8 @@ import pytest
 
 from controller.core.ages import entry_stamp, stamp_of, watch_clock
 from controller.core.loop import Loop
-from controller.core.passes import PassOptions, one_pass, remember, run_once
+from controller.core.observe import remember
+from controller.core.passes import PassOptions, one_pass, run_once
 from controller.core.ports import Reporter
 from controller.model.errors import CtrError
 from controller.model.outcome import Backlog, Outcome, PassReport, Result

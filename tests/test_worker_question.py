@@ -452,6 +452,9 @@ def test_the_service_runs_as_the_daemon_without_a_boot_pass_when_it_cannot_tell(
             if status.state is State.RUNNING:
                 running.set()
 
+        def start_service(self, name: str) -> None:
+            raise AssertionError(f"nothing kept the worker down, yet {name} was started")
+
     service = ReconcileService(Manager(), ServiceSteps(args, {}), checkpoint_every=0.5)
     code: list[ExitCode] = []
     t = threading.Thread(target=lambda: code.append(service.run()))

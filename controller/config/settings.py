@@ -18,7 +18,7 @@ from controller.adapters.disk import BOOT_SIZE_BUDGET, DiskObserver
 from controller.adapters.lock import STATE_DIR
 from controller.adapters.store import FsStore
 from controller.config.policy import load_policy
-from controller.core.passes import PassOptions
+from controller.core.options import PassOptions
 from controller.core.ports import Ports, Reporter, WallClock
 from controller.model.errors import UsageError
 from controller.model.plan import Mode, PlanOptions

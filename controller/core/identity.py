@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from controller.core.ages import restamp, stamp_of
 from controller.core.planner import plan as make_plan
+from controller.model.errors import CtrError, CtrTimeoutError
 from controller.model.outcome import Outcome, Result
 from controller.model.plan import Mode, Plan, PlanOptions
 from controller.model.records import Observation
@@ -111,3 +112,59 @@ class RemovalGuard:
             elif build not in stale_tmp and self.store_has("result-tmp", build):
                 out[key] = Result(Outcome.CHANGED, f"result-tmp/{build} appeared since planned")
         return out
+
+
+_V = TypeVar("_V")
+
+
+def key_by_key(
+    keys: Sequence[str], ask: Callable[[Sequence[str]], dict[str, _V]], failed: Callable[[str, CtrError], None]
+) -> dict[str, _V]:
+    """Ask about all keys at once; when ctr fails, ask key by key, so a key containerd cannot
+    answer for fails that key alone (``failed``), not the pass. A timeout is not one key's
+    failure but containerd's: it still fails the pass (asking key by key would wait once a key)."""
+    try:
+        return ask(keys)
+    except CtrTimeoutError:
+        raise
+    except CtrError:
+        pass
+    out: dict[str, _V] = {}
+    for key in keys:
+        try:
+            out.update(ask([key]))
+        except CtrTimeoutError:
+            raise
+        except CtrError as e:
+            failed(key, e)
+    return out
+
+
+class Dating:
+    """The ages a plan asks for, where one snapshot containerd cannot date (``snapshots info`` fails
+    for it alone) stays undated, so kept with its ancestors (the planner keeps what it could not
+    date), and is reported."""
+
+    def __init__(self, source: AgeSource) -> None:
+        self.source = source
+        self.undated: dict[str, str] = {}
+
+    def snapshot_created(self, keys: Sequence[str]) -> dict[str, datetime | None]:
+        def undated(key: str, error: CtrError) -> None:
+            self.undated[key] = str(error)
+
+        return key_by_key(keys, self.source.snapshot_created, undated)
+
+
+class KeyByKeyGuard(RemovalGuard):
+    """The last look before a batch's removal, where a key containerd cannot date at that moment
+    fails that key (not removed, reported with why), not the pass."""
+
+    def check(self, plan: Plan, keys: Sequence[str]) -> dict[str, Result]:
+        failures: dict[str, Result] = {}
+
+        def failed(key: str, error: CtrError) -> None:
+            failures[key] = Result(Outcome.FAILED, f"could not look at it again right before its removal: {error}")
+
+        check = super().check
+        return {**key_by_key(keys, lambda part: check(plan, part), failed), **failures}

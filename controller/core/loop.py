@@ -26,8 +26,10 @@ from datetime import datetime, timedelta
 
 import anyio
 
-from controller.core.passes import PassOptions, error_report, one_pass
+from controller.core.options import PassOptions
+from controller.core.passes import one_pass
 from controller.core.ports import Ports
+from controller.core.reporting import error_report
 from controller.model.errors import CtrError, ReconcileError
 from controller.model.outcome import PassReport
 from controller.model.plan import Mode
@@ -140,13 +142,10 @@ class Loop:
             str(error) if known else f"{type(error).__name__}: {error}",
             containerd_up=not isinstance(error, CtrError),
             prior=self.last,
-        ).model_copy(
-            update={
-                "trigger": why,
-                "retry_in": round(retry_in, 3),
-                # A bug or an OS error nobody foresaw: where it happened is worth the lines.
-                "traceback": None if known else "".join(traceback.format_exception(error)),
-            }
+            trigger=why,
+            retry_in=round(retry_in, 3),
+            # A bug or an OS error nobody foresaw: where it happened is worth the lines.
+            traceback=None if known else "".join(traceback.format_exception(error)),
         )
         self.last, self._last_at = report, self.ports.clock.monotonic()
         # A full disk must not stop the loop; the next pass reports again.
