@@ -50,6 +50,7 @@ lint: setup
 	$(BIN)/mypy controller tests tools
 	$(BIN)/lint-imports
 	$(BIN)/python tools/ps_parse.py examples/windows/*.ps1
+	$(BIN)/python tools/function_length.py controller --max-lines 60
 
 # The mutation run over the safety rules (docs/development.md): breaks each rule on purpose and
 # checks a test fails. Slow (a minute or so, two mutants at a time), so not part of `make test`.

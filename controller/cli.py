@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _what_to_do(p)
+    _where(p)
+    _how_to_report(p)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _what_to_do(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--once",
         action="store_true",
@@ -71,6 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     p.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
+    p.add_argument(
+        "--force", action="store_true", help="allow --once boot semantics while a worker process appears to be running"
+    )
+    p.add_argument(
+        "--explain",
+        metavar="NAME",
+        help="say which rule keeps a snapshot, container or result-tmp entry, or why it would go",
+    )
+    p.add_argument(
+        "--max-passes",
+        type=int,
+        metavar="N",
+        help="give up after N passes that each made progress (policy: spec.limits.maxPasses, default 10)",
+    )
+
+
+def _where(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", metavar="FILE", help="ReconcilePolicy YAML (flags override it; it overrides defaults)")
     p.add_argument(
         "--store", metavar="ROOT", help="OBuilder store root (as in --store=hcs:ROOT); policy: spec.store.root"
@@ -95,20 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait up to DURATION (30s, 5m) for containerd to answer before the first pass, for a boot step "
         "that may start before containerd (policy: spec.containerd.waitFor; default: do not wait)",
     )
-    p.add_argument(
-        "--force", action="store_true", help="allow --once boot semantics while a worker process appears to be running"
-    )
-    p.add_argument(
-        "--explain",
-        metavar="NAME",
-        help="say which rule keeps a snapshot, container or result-tmp entry, or why it would go",
-    )
-    p.add_argument(
-        "--max-passes",
-        type=int,
-        metavar="N",
-        help="give up after N passes that each made progress (policy: spec.limits.maxPasses, default 10)",
-    )
+
+
+def _how_to_report(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-address",
         metavar="HOST:PORT",
@@ -127,8 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="append log lines to PATH (UTF-8, rotated at 10 MB, 5 kept) instead of stderr",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="list every object in the plan")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p
 
 
 def build_service_parser() -> argparse.ArgumentParser:

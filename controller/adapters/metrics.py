@@ -6,6 +6,7 @@ Every labelled series exists at 0 from the start, so a dashboard or an alert see
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,105 +73,64 @@ METRICS = {
 }
 
 
+#: Each labelled metric's labels, and every value each label takes (all series exist at 0 from the start).
+_LABELS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "obuilder_reconcile_drift_objects": (("kind", DRIFT_KINDS),),
+    "obuilder_reconcile_actions_total": (("kind", tuple(k.value for k in ACTION_KINDS)), ("outcome", ACTION_OUTCOMES)),
+    "obuilder_reconcile_passes_total": (("outcome", ("success", "error")),),
+    "obuilder_reconcile_owned_objects": (("kind", ("snapshot", "container")),),
+    "obuilder_reconcile_waiting_snapshots": (("reason", WAITING_REASONS),),
+    "obuilder_reconcile_backlog_objects": (("kind", tuple(k.value for k in BACKLOG_KINDS)), ("state", BACKLOG_STATES)),
+    "obuilder_reconcile_backlog_next_eligible_seconds": (("kind", tuple(k.value for k in BACKLOG_KINDS)),),
+    "obuilder_reconcile_disk_unknown_folders": (("reason", UNKNOWN_REASONS),),
+    "obuilder_reconcile_disk_unknown_bytes": (("reason", UNKNOWN_REASONS),),
+    "obuilder_reconcile_clock_steps_total": (("direction", ("forward", "backward")),),
+}
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
 class Metrics(Reporter):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self.drift = self._gauge("obuilder_reconcile_drift_objects")
+        self.actions = self._counter("obuilder_reconcile_actions_total")
+        self.duration = self._histogram("obuilder_reconcile_pass_duration_seconds")
+        self.passes = self._counter("obuilder_reconcile_passes_total")
+        self.last_success = self._gauge("obuilder_reconcile_last_success_timestamp_seconds")
+        self.containerd_up = self._gauge("obuilder_reconcile_containerd_up")
+        self.owned = self._gauge("obuilder_reconcile_owned_objects")
+        self.waiting = self._gauge("obuilder_reconcile_waiting_snapshots")
+        self.backlog = self._gauge("obuilder_reconcile_backlog_objects")
+        self.next_eligible = self._gauge("obuilder_reconcile_backlog_next_eligible_seconds")
+        self.orphan_bytes = self._gauge("obuilder_reconcile_orphan_bytes")
+        self.reclaimed_bytes = self._counter("obuilder_reconcile_reclaimed_bytes_total")
+        self.disk_folders = self._gauge("obuilder_reconcile_disk_unknown_folders")
+        self.disk_bytes = self._gauge("obuilder_reconcile_disk_unknown_bytes")
+        self.clock_steps = self._counter("obuilder_reconcile_clock_steps_total")
+        self.clock_step = self._gauge("obuilder_reconcile_clock_step_seconds")
+        self.stamped_ahead = self._gauge("obuilder_reconcile_stamped_ahead_objects")
 
-        def help_of(name: str) -> str:
-            return METRICS[name][1]
+    def _labelled(self, name: str, metric: Gauge | Counter) -> None:
+        labels = _LABELS.get(name, ())
+        for values in itertools.product(*(values for _, values in labels)):
+            if values:
+                metric.labels(*values)
 
-        self.drift = Gauge(
-            "obuilder_reconcile_drift_objects", help_of("obuilder_reconcile_drift_objects"), ["kind"], registry=r
-        )
-        self.actions = Counter(
-            "obuilder_reconcile_actions", help_of("obuilder_reconcile_actions_total"), ["kind", "outcome"], registry=r
-        )
-        self.duration = Histogram(
-            "obuilder_reconcile_pass_duration_seconds",
-            help_of("obuilder_reconcile_pass_duration_seconds"),
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-            registry=r,
-        )
-        self.passes = Counter(
-            "obuilder_reconcile_passes", help_of("obuilder_reconcile_passes_total"), ["outcome"], registry=r
-        )
-        self.last_success = Gauge(
-            "obuilder_reconcile_last_success_timestamp_seconds",
-            help_of("obuilder_reconcile_last_success_timestamp_seconds"),
-            registry=r,
-        )
-        self.containerd_up = Gauge(
-            "obuilder_reconcile_containerd_up", help_of("obuilder_reconcile_containerd_up"), registry=r
-        )
-        self.owned = Gauge(
-            "obuilder_reconcile_owned_objects", help_of("obuilder_reconcile_owned_objects"), ["kind"], registry=r
-        )
-        self.waiting = Gauge(
-            "obuilder_reconcile_waiting_snapshots",
-            help_of("obuilder_reconcile_waiting_snapshots"),
-            ["reason"],
-            registry=r,
-        )
-        self.backlog = Gauge(
-            "obuilder_reconcile_backlog_objects",
-            help_of("obuilder_reconcile_backlog_objects"),
-            ["kind", "state"],
-            registry=r,
-        )
-        self.next_eligible = Gauge(
-            "obuilder_reconcile_backlog_next_eligible_seconds",
-            help_of("obuilder_reconcile_backlog_next_eligible_seconds"),
-            ["kind"],
-            registry=r,
-        )
-        self.orphan_bytes = Gauge(
-            "obuilder_reconcile_orphan_bytes", help_of("obuilder_reconcile_orphan_bytes"), registry=r
-        )
-        self.reclaimed_bytes = Counter(
-            "obuilder_reconcile_reclaimed_bytes", help_of("obuilder_reconcile_reclaimed_bytes_total"), registry=r
-        )
-        self.disk_folders = Gauge(
-            "obuilder_reconcile_disk_unknown_folders",
-            help_of("obuilder_reconcile_disk_unknown_folders"),
-            ["reason"],
-            registry=r,
-        )
-        self.disk_bytes = Gauge(
-            "obuilder_reconcile_disk_unknown_bytes",
-            help_of("obuilder_reconcile_disk_unknown_bytes"),
-            ["reason"],
-            registry=r,
-        )
-        self.clock_steps = Counter(
-            "obuilder_reconcile_clock_steps", help_of("obuilder_reconcile_clock_steps_total"), ["direction"], registry=r
-        )
-        self.clock_step = Gauge(
-            "obuilder_reconcile_clock_step_seconds", help_of("obuilder_reconcile_clock_step_seconds"), registry=r
-        )
-        self.stamped_ahead = Gauge(
-            "obuilder_reconcile_stamped_ahead_objects", help_of("obuilder_reconcile_stamped_ahead_objects"), registry=r
-        )
-        for direction in ("forward", "backward"):
-            self.clock_steps.labels(direction)
-        for unknown in UNKNOWN_REASONS:
-            self.disk_folders.labels(unknown)
-            self.disk_bytes.labels(unknown)
-        for kind in DRIFT_KINDS:
-            self.drift.labels(kind)
-        for kind in ACTION_KINDS:
-            for outcome in ACTION_OUTCOMES:
-                self.actions.labels(kind.value, outcome)
-        for outcome in ("success", "error"):
-            self.passes.labels(outcome)
-        for kind in ("snapshot", "container"):
-            self.owned.labels(kind)
-        for reason in WAITING_REASONS:
-            self.waiting.labels(reason)
-        for kind in BACKLOG_KINDS:
-            self.next_eligible.labels(kind.value)
-            for state in BACKLOG_STATES:
-                self.backlog.labels(kind.value, state)
+    def _gauge(self, name: str) -> Gauge:
+        labels = [label for label, _ in _LABELS.get(name, ())]
+        gauge = Gauge(name, METRICS[name][1], labels, registry=self.registry)
+        self._labelled(name, gauge)
+        return gauge
+
+    def _counter(self, name: str) -> Counter:
+        # prometheus_client adds the _total suffix itself.
+        labels = [label for label, _ in _LABELS.get(name, ())]
+        counter = Counter(name.removesuffix("_total"), METRICS[name][1], labels, registry=self.registry)
+        self._labelled(name, counter)
+        return counter
+
+    def _histogram(self, name: str) -> Histogram:
+        return Histogram(name, METRICS[name][1], buckets=_DURATION_BUCKETS, registry=self.registry)
 
     def removed(self, kind: Kind, name: str, reason: str, outcome: Outcome) -> None:
         self.actions.labels(kind.value, "removed" if outcome is Outcome.REMOVED else "not_found").inc()

@@ -546,63 +546,77 @@ def remove_tree(path: str, *, ops: FileOps | None = None, sleep: Callable[[float
     if entry_kind(st) != "dir":
         _remove_one(ops, top, entry_kind(st), top, sleep)
         return
-    first: OSError | None = None
-    kept: set[str] = set()  # folders that keep a child that could not go
-    # A mounted folder inside shows what lies elsewhere (outside the store, perhaps): it is
-    # never entered, and it and the folders above it stay for a human to unmount.
-    real_top = os.path.realpath(path)
-    table = mounts_inside(path)
-    mounted = None if table is None else set(table)
+    _TreeRemoval(path, top, ops, sleep).run()
 
-    def is_mounted(folder: str) -> bool:
-        if mounted is None:
-            return os.path.ismount(folder)
-        return bool(mounted) and os.path.normpath(os.path.join(real_top, os.path.relpath(folder, top))) in mounted
 
-    def failed(target: str, error: OSError) -> None:
-        """The first error is raised at the end; the folders above what failed stay."""
-        nonlocal first
-        first = first or error
-        parent = os.path.dirname(target)
-        while parent.startswith(top) and parent not in kept:
-            kept.add(parent)
-            parent = os.path.dirname(parent)
+class _TreeRemoval:
+    """One tree's removal: children before their folder, iteratively (trees can be deeper than
+    Python's recursion), the folders above anything that could not go kept."""
 
-    def attempt(target: str, kind: EntryKind) -> None:
+    def __init__(self, path: str, top: str, ops: FileOps, sleep: Callable[[float], None]) -> None:
+        self.top, self.ops, self.sleep = top, ops, sleep
+        self.first: OSError | None = None
+        self.kept: set[str] = set()  # folders that keep a child that could not go
+        # A mounted folder inside shows what lies elsewhere (outside the store, perhaps): it is
+        # never entered, and it and the folders above it stay for a human to unmount.
+        self.real_top = os.path.realpath(path)
+        table = mounts_inside(path)
+        self.mounted = None if table is None else set(table)
+
+    def run(self) -> None:
+        stack: list[tuple[str, bool]] = [(self.top, False)]
+        while stack:
+            folder, listed = stack.pop()
+            if listed:
+                if folder not in self.kept:
+                    self.attempt(folder, "dir")
+            elif self.is_mounted(folder):
+                self.kept.add(folder)
+                mounted = OSError(errno.EBUSY, "a file system is mounted here; not crossed: unmount it", folder)
+                self.failed(folder, mounted)
+            else:
+                stack.append((folder, True))
+                stack.extend(self.enter(folder))
+        if self.first is not None:
+            raise self.first
+
+    def enter(self, folder: str) -> list[tuple[str, bool]]:
+        """Remove what is not a folder in ``folder``; its folders, to enter next."""
         try:
-            _remove_one(ops, target, kind, top, sleep)
-        except OSError as e:
-            failed(target, e)
-
-    # Iterative, children before their folder: trees can be deeper than Python's recursion.
-    stack: list[tuple[str, bool]] = [(top, False)]
-    while stack:
-        folder, listed = stack.pop()
-        if listed:
-            if folder not in kept:
-                attempt(folder, "dir")
-            continue
-        if is_mounted(folder):
-            kept.add(folder)
-            failed(folder, OSError(errno.EBUSY, "a file system is mounted here; not crossed: unmount it", folder))
-            continue
-        stack.append((folder, True))
-        try:
-            found = ops.entries(folder)
+            found = self.ops.entries(folder)
         except FileNotFoundError:
-            stack.pop()
-            continue
+            return []
         except PermissionError:
-            _writable(ops, folder)  # POSIX: a folder without read or search permission
-            found = ops.entries(folder)
+            _writable(self.ops, folder)  # POSIX: a folder without read or search permission
+            found = self.ops.entries(folder)
+        folders = []
         for name, kind in found:
             child = os.path.join(folder, name)
             if kind == "dir":
-                stack.append((child, False))
+                folders.append((child, False))
             else:
-                attempt(child, kind)
-    if first is not None:
-        raise first
+                self.attempt(child, kind)
+        return folders
+
+    def is_mounted(self, folder: str) -> bool:
+        if self.mounted is None:
+            return os.path.ismount(folder)
+        inside = os.path.normpath(os.path.join(self.real_top, os.path.relpath(folder, self.top)))
+        return bool(self.mounted) and inside in self.mounted
+
+    def failed(self, target: str, error: OSError) -> None:
+        """The first error is raised at the end; the folders above what failed stay."""
+        self.first = self.first or error
+        parent = os.path.dirname(target)
+        while parent.startswith(self.top) and parent not in self.kept:
+            self.kept.add(parent)
+            parent = os.path.dirname(parent)
+
+    def attempt(self, target: str, kind: EntryKind) -> None:
+        try:
+            _remove_one(self.ops, target, kind, self.top, self.sleep)
+        except OSError as e:
+            self.failed(target, e)
 
 
 def rename_held(src: str, dst: str, *, ops: FileOps | None = None, sleep: Callable[[float], None] = time.sleep) -> None:

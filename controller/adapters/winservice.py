@@ -67,6 +67,27 @@ def end_process(code: int) -> None:
     os._exit(code)
 
 
+class _Scm:
+    """Our reports as SetServiceStatus calls, and the Event Log lines an admin reads first."""
+
+    def __init__(self, name: str, handle: Any, win32service: Any, servicemanager: Any, win32serviceutil: Any) -> None:
+        self.name, self.handle = name, handle
+        self.win32service, self.servicemanager, self.win32serviceutil = win32service, servicemanager, win32serviceutil
+
+    def report(self, status: Status) -> None:
+        self.win32service.SetServiceStatus(self.handle, service_status(status, self.win32service))
+        failed = status.state is State.STOPPED and status.exit_code != 0
+        if failed or (status.state is State.RUNNING and status.degraded):
+            # The Event Log is where an admin looks first for why a service stopped, or why
+            # the worker runs without reconciliation.
+            self.servicemanager.LogErrorMsg(f"{self.name}: {status.reason}")
+        elif status.state is State.RUNNING:
+            self.servicemanager.LogInfoMsg(f"{self.name}: {status.reason}")
+
+    def start_service(self, service: str) -> None:
+        self.win32serviceutil.StartService(service)
+
+
 def host(
     name: str,
     make: Callable[[ServiceManager], ReconcileService],
@@ -83,23 +104,6 @@ def host(
 
     exit_code: list[int] = [0]
 
-    class Scm:
-        def __init__(self, handle: Any) -> None:
-            self.handle = handle
-
-        def report(self, status: Status) -> None:
-            win32service.SetServiceStatus(self.handle, service_status(status, win32service))
-            failed = status.state is State.STOPPED and status.exit_code != 0
-            if failed or (status.state is State.RUNNING and status.degraded):
-                # The Event Log is where an admin looks first for why a service stopped, or why
-                # the worker runs without reconciliation.
-                servicemanager.LogErrorMsg(f"{name}: {status.reason}")
-            elif status.state is State.RUNNING:
-                servicemanager.LogInfoMsg(f"{name}: {status.reason}")
-
-        def start_service(self, service: str) -> None:
-            win32serviceutil.StartService(service)
-
     class Service(win32serviceutil.ServiceFramework):  # type: ignore[misc,unused-ignore]
         _svc_name_ = name
         _svc_display_name_ = "obuilder-reconcile"
@@ -107,7 +111,7 @@ def host(
 
         def __init__(self, args: Any) -> None:
             super().__init__(args)
-            self.service = make(Scm(self.ssh))
+            self.service = make(_Scm(name, self.ssh, win32service, servicemanager, win32serviceutil))
 
         def SvcStop(self) -> None:
             self.service.request_stop("service stop")

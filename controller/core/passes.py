@@ -21,6 +21,7 @@ from controller.core.observe import look
 from controller.core.options import PassOptions
 from controller.core.ports import ContainerdPort, Ports
 from controller.core.reporting import PassFacts, measured_reclaim, pass_report, run_stuck
+from controller.model.disk import DiskDrift
 from controller.model.errors import CtrError
 from controller.model.outcome import Outcome, PassReport, Result, RunReport, Stuck
 from controller.model.plan import Kind, Mode, Plan, Rule
@@ -98,74 +99,88 @@ def run_once(
     each pass that may act; whatever it raises ends the run."""
     started = ports.clock.now()
     calls = ports.containerd.calls + (ports.disk.calls if ports.disk else 0)
-    history = History()
-    reports: list[PassReport] = []
-    # Removed snapshots leave their layer folders to containerd's next garbage collection. At
-    # boot nothing else runs, so one is started as soon as a pass has removed any, beside the
-    # next look, and the run ends once it has finished: the worker starts with its disk back.
-    collector = ThreadPoolExecutor(max_workers=1)
-    collections: list[Future[Result]] = []
-
-    def look(number: int, dry_run: bool) -> PassReport:
-        nonlocal history
-        pass_options = options if options.dry_run == dry_run else replace(options, dry_run=dry_run)
-        if number == 1 and options.measure_bytes:
-            # The disk before any removal: what the run leaves in rm-* is told from what was there.
-            pass_options = replace(pass_options, disk_every=timedelta(0))
-        if not dry_run and before_pass is not None:
-            before_pass()
-        report = one_pass(ports, pass_options, history, number)
-        history = report.history or history
-        reports.append(report)
-        if report.removed.get(Kind.SNAPSHOT.value):
-            collections.append(collector.submit(_collect_garbage, ports.containerd))
-        return report
-
+    run = _OnceRun(ports, options, before_pass)
     limit_hit = False
-    with collector:
+    with run.collector:
         if options.dry_run:
-            look(1, True)
+            run.look(1, True)
         else:
             for number in range(1, max_passes + 1):
-                report = look(number, False)
+                report = run.look(number, False)
                 if report.planned_total == 0:
                     break
                 if report.progress == 0:
                     # Nothing moved (what it planned failed, or was gone already): one more look,
                     # without acting, says whether anything is left.
-                    look(number + 1, True)
+                    run.look(number + 1, True)
                     break
             else:
                 # Every pass made progress: one more look, without acting, says where it stands.
-                limit_hit = look(max_passes + 1, True).planned_total > 0
-        collected = [job.result() for job in collections]
+                limit_hit = run.look(max_passes + 1, True).planned_total > 0
+        collected = [job.result() for job in run.collections]
     failed_gc = [r.message for r in collected if not r.outcome.done]
-    last = reports[-1]
-    disk, left = None, None
-    if ports.disk is not None and last.observation is not None:
-        disk = ports.disk.observe_states(last.observation.containerd, last.observation.store)
-        before = reports[0].disk
-        if before is not None and before.error is None and disk.error is None:
-            left = max(0, disk.removed_bytes - before.removed_bytes)
-    converged = last.planned_total == 0
-    stuck: list[Stuck] = []
-    if not converged and not options.dry_run:
-        stuck = run_stuck(reports, limit_hit, max_passes)
-    assert last.plan is not None
-    stuck += [
-        Stuck(kind=d.kind, name=d.name, reason=d.reason) for d in last.plan.decisions if d.rule is Rule.UNREADABLE
-    ]
-    stuck += [s for s in last.unjudged if s not in stuck]
+    disk, left = run.disk_at_end()
     return RunReport(
-        passes=tuple(reports),
-        converged=converged,
-        stuck=tuple(stuck),
+        passes=tuple(run.reports),
+        converged=run.reports[-1].planned_total == 0,
+        stuck=tuple(run.stuck(limit_hit, max_passes)),
         seconds=round((ports.clock.now() - started).total_seconds(), 3),
         ctr_calls=ports.containerd.calls + (ports.disk.calls if ports.disk else 0) - calls,
         garbage_collection=None if not collected else (failed_gc[-1] if failed_gc else "done"),
         disk=disk,
         left_on_disk=left,
     )
+
+
+class _OnceRun:
+    """The passes of one ``--once``, and the garbage collections their removals start.
+
+    Removed snapshots leave their layer folders to containerd's next garbage collection. At
+    boot nothing else runs, so one is started as soon as a pass has removed any, beside the
+    next look, and the run ends once it has finished: the worker starts with its disk back."""
+
+    def __init__(self, ports: Ports, options: PassOptions, before_pass: Callable[[], None] | None) -> None:
+        self.ports, self.options, self.before_pass = ports, options, before_pass
+        self.history = History()
+        self.reports: list[PassReport] = []
+        self.collector = ThreadPoolExecutor(max_workers=1)
+        self.collections: list[Future[Result]] = []
+
+    def look(self, number: int, dry_run: bool) -> PassReport:
+        options = self.options if self.options.dry_run == dry_run else replace(self.options, dry_run=dry_run)
+        if number == 1 and options.measure_bytes:
+            # The disk before any removal: what the run leaves in rm-* is told from what was there.
+            options = replace(options, disk_every=timedelta(0))
+        if not dry_run and self.before_pass is not None:
+            self.before_pass()
+        report = one_pass(self.ports, options, self.history, number)
+        self.history = report.history or self.history
+        self.reports.append(report)
+        if report.removed.get(Kind.SNAPSHOT.value):
+            self.collections.append(self.collector.submit(_collect_garbage, self.ports.containerd))
+        return report
+
+    def disk_at_end(self) -> tuple[DiskDrift | None, int | None]:
+        """The snapshotter's folder once the run ended, and the bytes its removals left in rm-*."""
+        last = self.reports[-1]
+        if self.ports.disk is None or last.observation is None:
+            return None, None
+        disk = self.ports.disk.observe_states(last.observation.containerd, last.observation.store)
+        before = self.reports[0].disk
+        if before is not None and before.error is None and disk.error is None:
+            return disk, max(0, disk.removed_bytes - before.removed_bytes)
+        return disk, None
+
+    def stuck(self, limit_hit: bool, max_passes: int) -> list[Stuck]:
+        last = self.reports[-1]
+        stuck: list[Stuck] = []
+        if last.planned_total != 0 and not self.options.dry_run:
+            stuck = run_stuck(self.reports, limit_hit, max_passes)
+        assert last.plan is not None
+        stuck += [
+            Stuck(kind=d.kind, name=d.name, reason=d.reason) for d in last.plan.decisions if d.rule is Rule.UNREADABLE
+        ]
+        return stuck + [s for s in last.unjudged if s not in stuck]
 
 
 def _collect_garbage(containerd: ContainerdPort) -> Result:

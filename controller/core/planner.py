@@ -294,57 +294,17 @@ def plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mo
 
 
 def _plan(observation: Observation, options: PlanOptions, now: datetime, mode: Mode) -> Plan:
-    store, cd = observation.store, observation.containerd
-    parent_of = {s.key: s.parent for s in cd.snapshots}
-    owned = {k for k in parent_of if k.startswith(options.snapshot_prefix)}
-    folder_owner: dict[str, StoreEntry] = {}
-    key_owner: dict[str, StoreEntry] = {}
-    for e in (*store.results, *store.tmp) if cd.containers else ():  # only containers ask
-        if e.layerinfo is not None and e.layerinfo.source:
-            folder_owner.setdefault(path_identity(e.layerinfo.source), e)
-        for key in e.snapshot_keys:
-            key_owner.setdefault(key, e)
-    w = _World(observation, options, now, mode, parent_of, owned, folder_owner, key_owner)
-
+    cd, parent_of = observation.containerd, {s.key: s.parent for s in observation.containerd.snapshots}
+    w = _world(observation, options, now, mode, parent_of)
     removals = _judge_containers(w)
     tmp_removals, key_to_tmp = _judge_tmp_entries(w)
-
-    kept = with_ancestors(merge((c for rule in RULES for c in rule(w)), owned), parent_of, owned)
-    unaged: list[str] = []
-    young = merge(keep_young(w, set(kept), unaged), owned)
-    if young:
-        # Their ancestors too, up to the first one something else keeps (it has its reason already).
-        kept.update(with_ancestors(young, {k: p for k, p in parent_of.items() if p not in kept}, owned))
-    held = merge(keep_what_uninspectable_containers_may_use(w, set(kept)), owned)
-    kept.update(held)
+    kept, unaged, held = _keeps(w)
     # A result-tmp/ entry goes only after its snapshots: it is the record of which one it used.
     tmp_removals = [t for t in tmp_removals if not held.keys() & set(t.after)]
-
-    orphans = owned - kept.keys()
-    levels = _levels_leaves_first(orphans, Counter(parent_of.values()), parent_of)
-    removal_reason = dict.fromkeys(orphans, f"orphan: {_ORPHAN}")
-    state = "interrupted" if mode is Mode.BOOT else "stale"
-    for key, e in key_to_tmp.items():
-        if key in removal_reason:
-            removal_reason[key] = f"snapshot of {state} build result-tmp/{e.id}: {_ORPHAN}"
-    flat = [k for level in levels for k in level]
-    limit = options.max_deletions_per_pass
-    deferred: tuple[str, ...] = ()
-    if limit is not None and len(flat) > limit:
-        allowed = set(flat[:limit])
-        deferred = tuple(flat[limit:])
-        levels = [[k for k in level if k in allowed] for level in levels]
-        levels = [level for level in levels if level]
-
-    # Kept snapshots only: an orphan's decision is its reason in the plan (decision_for).
-    cache_tmp: tuple[CacheTmpRemoval, ...] = ()
-    if mode is Mode.BOOT:
-        why = "boot: cache-tmp/ only holds leftovers when the worker is not running"
-        cache_tmp = tuple(CacheTmpRemoval(name=n, reason=why) for n in sorted(store.cache_tmp))
-        w.decisions += [
-            Decision(kind=Kind.CACHE_TMP, name=n, keep=False, rule=Rule.LEFTOVER, reason=why)
-            for n in sorted(store.cache_tmp)
-        ]
+    orphans = w.owned - kept.keys()
+    levels, deferred = _orphan_levels(orphans, parent_of, options.max_deletions_per_pass)
+    removal_reason = _removal_reasons(orphans, key_to_tmp, mode)
+    cache_tmp = _cache_tmp(w)
     pinned_by, runs_on_unknown = _pinned_by_leftover_containers(w, orphans)
     created_of = {s.key: s.created for s in cd.snapshots if s.created is not None} if mode is Mode.DAEMON else {}
     # Built without validation: every value comes from the records above, and a week-old store
@@ -370,6 +330,72 @@ def _plan(observation: Observation, options: PlanOptions, now: datetime, mode: M
         stamped_ahead=w.ahead,
         waiting_until={kind: tuple(times) for kind, times in w.waiting.items()},
     )
+
+
+def _world(
+    observation: Observation, options: PlanOptions, now: datetime, mode: Mode, parent_of: dict[str, str | None]
+) -> _World:
+    """The observation indexed once: what is owned, and which build each folder and key belongs to."""
+    store, cd = observation.store, observation.containerd
+    owned = {k for k in parent_of if k.startswith(options.snapshot_prefix)}
+    folder_owner: dict[str, StoreEntry] = {}
+    key_owner: dict[str, StoreEntry] = {}
+    for e in (*store.results, *store.tmp) if cd.containers else ():  # only containers ask
+        if e.layerinfo is not None and e.layerinfo.source:
+            folder_owner.setdefault(path_identity(e.layerinfo.source), e)
+        for key in e.snapshot_keys:
+            key_owner.setdefault(key, e)
+    return _World(observation, options, now, mode, parent_of, owned, folder_owner, key_owner)
+
+
+def _keeps(w: _World) -> tuple[dict[str, Claim], list[str], dict[str, Claim]]:
+    """Every kept snapshot with its reason: the rules that keep for good with their ancestors, then
+    grace for what nothing else keeps, then what an uninspectable container may use. Also the keys
+    whose age was not read, and what that last rule holds."""
+    owned, parent_of = w.owned, w.parent_of
+    kept = with_ancestors(merge((c for rule in RULES for c in rule(w)), owned), parent_of, owned)
+    unaged: list[str] = []
+    young = merge(keep_young(w, set(kept), unaged), owned)
+    if young:
+        # Their ancestors too, up to the first one something else keeps (it has its reason already).
+        kept.update(with_ancestors(young, {k: p for k, p in parent_of.items() if p not in kept}, owned))
+    held = merge(keep_what_uninspectable_containers_may_use(w, set(kept)), owned)
+    kept.update(held)
+    return kept, unaged, held
+
+
+def _orphan_levels(
+    orphans: set[str], parent_of: dict[str, str | None], limit: int | None
+) -> tuple[list[list[str]], tuple[str, ...]]:
+    """The orphans leaves first, at most ``limit`` of them (maxDeletionsPerPass); the rest deferred."""
+    levels = _levels_leaves_first(orphans, Counter(parent_of.values()), parent_of)
+    flat = [k for level in levels for k in level]
+    deferred: tuple[str, ...] = ()
+    if limit is not None and len(flat) > limit:
+        allowed = set(flat[:limit])
+        deferred = tuple(flat[limit:])
+        levels = [[k for k in level if k in allowed] for level in levels]
+        levels = [level for level in levels if level]
+    return levels, deferred
+
+
+def _removal_reasons(orphans: set[str], key_to_tmp: dict[str, StoreEntry], mode: Mode) -> dict[str, str]:
+    removal_reason = dict.fromkeys(orphans, f"orphan: {_ORPHAN}")
+    state = "interrupted" if mode is Mode.BOOT else "stale"
+    for key, e in key_to_tmp.items():
+        if key in removal_reason:
+            removal_reason[key] = f"snapshot of {state} build result-tmp/{e.id}: {_ORPHAN}"
+    return removal_reason
+
+
+def _cache_tmp(w: _World) -> tuple[CacheTmpRemoval, ...]:
+    """At boot, every cache-tmp/ entry (an orphan's decision is its reason in the plan; these get one)."""
+    if w.mode is not Mode.BOOT:
+        return ()
+    names = sorted(w.observation.store.cache_tmp)
+    why = "boot: cache-tmp/ only holds leftovers when the worker is not running"
+    w.decisions += [Decision(kind=Kind.CACHE_TMP, name=n, keep=False, rule=Rule.LEFTOVER, reason=why) for n in names]
+    return tuple(CacheTmpRemoval(name=n, reason=why) for n in names)
 
 
 def _soonest(waiting: Mapping[Kind, list[datetime | None]]) -> list[datetime]:
