@@ -17,10 +17,14 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from controller import __version__
 from controller.adapters import platform
 from controller.model.errors import EXIT_RULES, ExitCode, ReconcileError, exit_code_for
+
+if TYPE_CHECKING:
+    from controller.config.invocation import Invocation
 
 EXIT_OK, EXIT_NOT_CONVERGED, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
 
@@ -221,12 +225,19 @@ def check_policy(argv: Sequence[str]) -> int:
     return int(ExitCode.OK)
 
 
+def invocation(args: argparse.Namespace) -> Invocation:
+    """The parsed flags as the typed, frozen record the rest of the program reads."""
+    from controller.config.invocation import Invocation
+
+    return Invocation(**{name: getattr(args, name) for name in Invocation._fields if hasattr(args, name)})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["check-policy"]:
         return check_policy(argv[1:])
     service = argv[:1] == ["service"]
-    args = (build_service_parser() if service else build_parser()).parse_args(argv[1:] if service else argv)
+    args = invocation((build_service_parser() if service else build_parser()).parse_args(argv[1:] if service else argv))
     try:
         if service:
             from controller.commands import run_service

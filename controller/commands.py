@@ -7,7 +7,6 @@ runs the loop (``controller.daemon``), ``--explain`` takes one look and says why
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -23,6 +22,7 @@ from controller.adapters.lock import StoreLock
 from controller.adapters.logs import CopyTruncateFileHandler, LogReporter, ProgressReporter, configure_logging
 from controller.adapters.status import StatusFile, write_status
 from controller.adapters.store import DB_PATH, check_store
+from controller.config.invocation import Invocation
 from controller.config.settings import Overrides, Settings, resolve
 from controller.core.passes import PassOptions, one_pass, run_once
 from controller.core.ports import Ports, Reporter, Reporters
@@ -44,7 +44,7 @@ from controller.service import ReconcileService, ServiceManager, State, Status, 
 EXIT_OK, EXIT_NOT_CONVERGED = 0, 1
 
 
-def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+def resolve_settings(args: Invocation, env: Mapping[str, str]) -> Settings:
     wait = None
     if args.wait_for_containerd is not None:
         try:
@@ -68,12 +68,12 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
 _installed: tuple[tuple[str, str | None], logging.Handler] | None = None
 
 
-def start_logging(args: argparse.Namespace) -> None:
+def start_logging(args: Invocation) -> None:
     """Log as the flags say. Asked again with the same flags while our handler is in place, it
     changes nothing: a second handler on the log file would hold it open twice, which on Windows
     stops its rotation."""
     global _installed
-    wanted = (args.log_format, getattr(args, "log_file", None))
+    wanted = (args.log_format, args.log_file)
     root = logging.getLogger()
     if _installed is not None:
         if _installed[0] == wanted and _installed[1] in root.handlers:
@@ -143,7 +143,7 @@ def no_worker_running(settings: Settings) -> None:
         )
 
 
-def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+def run(args: Invocation, env: Mapping[str, str]) -> int:
     settings = resolve_settings(args, env)
     check_store_ready(settings.store)
     mode = Mode.BOOT if args.once else Mode.DAEMON
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def boot(
-    args: argparse.Namespace, settings: Settings, *, console: bool = True, should_stop: Callable[[], bool] | None = None
+    args: Invocation, settings: Settings, *, console: bool = True, should_stop: Callable[[], bool] | None = None
 ) -> int:
     """``--once``: passes to convergence with boot semantics. ``console``: print the plan and summary."""
     start_logging(args)
@@ -227,7 +227,7 @@ def daemon_reporters(status_path: Path, metrics: Reporter) -> Reporters:
     return Reporters(StatusFile(status_path), metrics, LogReporter())
 
 
-def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> int:
+def run_daemon(args: Invocation, env: Mapping[str, str], settings: Settings) -> int:
     """Beside a live worker, until SIGTERM/SIGINT. Never boot semantics, so no worker check."""
     if args.dry_run or args.json:
         raise UsageError("--dry-run and --json go with --once (or --explain); the daemon logs each pass")
@@ -237,7 +237,7 @@ def run_daemon(args: argparse.Namespace, env: Mapping[str, str], settings: Setti
 
 
 def serve(
-    args: argparse.Namespace, env: Mapping[str, str], settings: Settings, *, stop: threading.Event | None = None
+    args: Invocation, env: Mapping[str, str], settings: Settings, *, stop: threading.Event | None = None
 ) -> int:
     """The daemon with its endpoints, the store's lock already held. ``stop``: the service's stop
     flag (signals are then the service's business, not the daemon's)."""
@@ -274,7 +274,7 @@ class ServiceSteps:
     The store's lock is taken for the boot pass and held through the daemon, so no other
     reconcile slips in between."""
 
-    def __init__(self, args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    def __init__(self, args: Invocation, env: Mapping[str, str]) -> None:
         self.args = args
         self.env = env
         self.settings: Settings | None = None
@@ -297,7 +297,7 @@ class ServiceSteps:
         check_store_ready(settings.store)
         no_worker_running(settings)
         self.lock = StoreLock(settings.store).__enter__()
-        args = argparse.Namespace(**{**vars(self.args), "once": True, "dry_run": False, "json": False, "force": False})
+        args = self.args._replace(once=True, dry_run=False, json=False, force=False)
         return ExitCode(boot(args, settings, console=False, should_stop=stop.is_set))
 
     def daemon(self, stop: threading.Event) -> ExitCode:
@@ -351,7 +351,7 @@ class ServiceSteps:
         return name if isinstance(name, str) and name else None
 
 
-def run_service(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+def run_service(args: Invocation, env: Mapping[str, str]) -> int:
     """``reconcile service``: under the Windows service manager, or in this console."""
     for flag in ("once", "dry_run", "json", "explain", "force"):
         if getattr(args, flag):

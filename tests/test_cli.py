@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from controller.cli import build_parser
+from controller.cli import build_parser, invocation
 from controller.cli import main as cli_main
 from controller.commands import resolve_settings
 from controller.core.passes import PassOptions, run_once
@@ -47,9 +47,9 @@ def test_help_documents_every_flag_and_the_exit_codes() -> None:
 
 def test_flags_override_the_environment_which_overrides_defaults() -> None:
     env = {"CONTAINERD_ADDRESS": "/env.sock", "CONTAINERD_NAMESPACE": "envns", "CONTAINERD_SNAPSHOTTER": "windows"}
-    s = resolve_settings(build_parser().parse_args(["--store", "/s", "--namespace", "flagns"]), env)
+    s = resolve_settings(invocation(build_parser().parse_args(["--store", "/s", "--namespace", "flagns"])), env)
     assert (s.ctr.address, s.ctr.namespace, s.ctr.snapshotter) == ("/env.sock", "flagns", "windows")
-    d = resolve_settings(build_parser().parse_args(["--store", "/s"]), {})
+    d = resolve_settings(invocation(build_parser().parse_args(["--store", "/s"])), {})
     assert (d.ctr.address, d.ctr.namespace, d.ctr.snapshotter) == (
         "/run/containerd/containerd.sock",
         "default",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import build_service_parser
+from controller.cli import build_service_parser, invocation
 from controller.commands import ServiceSteps
 from controller.model.errors import (
     EXIT_RULES,
@@ -339,7 +339,7 @@ def test_the_real_service_repairs_at_boot_then_runs_as_the_daemon_and_a_stop_fin
     base = world.base("b:1")
     leaked = world.orphan_chain(base, "boot", 1)
     world.leak_container("obuilder-run-1", task="running")  # boot semantics: dead, whatever its task says
-    args = build_service_parser().parse_args(service_argv(world, containerd, namespace, ctr, tmp_path))
+    args = invocation(build_service_parser().parse_args(service_argv(world, containerd, namespace, ctr, tmp_path)))
     manager = Recorder()
     service = ReconcileService(manager, ServiceSteps(args, {}), checkpoint_every=0.5)
     began = time.monotonic()

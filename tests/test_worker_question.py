@@ -23,7 +23,7 @@ import pytest
 
 from controller.adapters import platform
 from controller.adapters.platform import WorkerAnswer
-from controller.cli import build_service_parser
+from controller.cli import build_service_parser, invocation
 from controller.cli import main as cli_main
 from controller.commands import ServiceSteps
 from controller.model.errors import ExitCode
@@ -439,10 +439,10 @@ def test_the_service_runs_as_the_daemon_without_a_boot_pass_when_it_cannot_tell(
         "spec:\n  timing: {interval: 2s}\n  metrics: {enabled: false}\n"
     )
     status = tmp_path / "status.json"
-    args = build_service_parser().parse_args(
+    args = invocation(build_service_parser().parse_args(
         ["--policy", str(policy), "--store", str(world.root), "--address", containerd.address,
          "--namespace", namespace, "--snapshotter", SNAPSHOTTER, "--status-file", str(status)]
-    )  # fmt: skip
+    ))  # fmt: skip
     states: list[State] = []
     running = threading.Event()
 
