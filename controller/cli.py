@@ -26,8 +26,6 @@ from controller.model.errors import EXIT_RULES, ExitCode, ReconcileError, exit_c
 if TYPE_CHECKING:
     from controller.config.invocation import Invocation
 
-EXIT_OK, EXIT_NOT_CONVERGED, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
-
 
 def _exit_codes() -> str:
     import textwrap

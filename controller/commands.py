@@ -41,8 +41,6 @@ from controller.model.records import History
 from controller.report import render_explain, render_plan, render_summary, to_json
 from controller.service import ReconcileService, ServiceManager, State, Status, StopRequested
 
-EXIT_OK, EXIT_NOT_CONVERGED = 0, 1
-
 
 def resolve_settings(args: Invocation, env: Mapping[str, str]) -> Settings:
     wait = None
@@ -411,4 +409,4 @@ def explain(name: str, ports: Ports, options: PlanOptions, mode: Mode) -> int:
         )
     )
     print(render_explain(name, decisions, present=present, mode_note=note))
-    return EXIT_OK if decisions or present else EXIT_NOT_CONVERGED
+    return ExitCode.OK if decisions or present else ExitCode.NOT_CONVERGED

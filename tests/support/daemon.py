@@ -22,6 +22,9 @@ class DaemonProcess:
         self.log = log
         self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
         argv = [sys.executable, "-m", "controller", "--policy", str(policy_file), "--store", str(store)]
+        # A port of the system's choosing (served_at reads it): the default one may be taken by another
+        # suite or a daemon on this machine.
+        argv += ["--metrics-address", "127.0.0.1:0"]
         self.proc = subprocess.Popen(
             [*argv, "--address", cd.address],
             stdout=self.out,
