@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+import pytest
 
 from controller.core.executor import execute
 from controller.core.planner import plan
@@ -16,19 +20,79 @@ from tests.support.fake import FakeContainerd, FakeStore
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
 
 
-def test_stopping_finishes_the_action_under_way_not_the_pass() -> None:
-    fake = FakeContainerd(parents={"obuilder-a": None, "obuilder-b": "obuilder-a", "obuilder-c": "obuilder-b"})
-    store = FakeStore(StoreState(root="/s"))
+@dataclass
+class StopsDuring(FakeContainerd):
+    """Sets the stop flag while the removal of a named object (a container's task, a container,
+    a snapshot) is under way."""
+
+    at: str = ""
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _under_way(self, names: Sequence[str]) -> None:
+        if self.at in names:
+            self.stop.set()
+
+    def delete_tasks(self, ids: Sequence[str]) -> dict[str, Result]:
+        self._under_way([f"task of {i}" for i in ids])
+        return super().delete_tasks(ids)
+
+    def remove_containers(self, ids: Sequence[str]) -> dict[str, Result]:
+        self._under_way(ids)
+        return super().remove_containers(ids)
+
+    def remove_snapshots(self, keys: Sequence[str]) -> dict[str, Result]:
+        self._under_way(keys)
+        return super().remove_snapshots(keys)
+
+
+@dataclass
+class StoreStopsDuring(FakeStore):
+    """Sets the stop flag while the removal of a named result-tmp/ entry or cache-tmp/ leftover is under way."""
+
+    at: str = ""
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def remove_tmp_entry(self, entry_id: str) -> Result:
+        if entry_id == self.at:
+            self.stop.set()
+        return super().remove_tmp_entry(entry_id)
+
+    def remove_cache_tmp(self, name: str) -> Result:
+        if name == self.at:
+            self.stop.set()
+        return super().remove_cache_tmp(name)
+
+
+#: A container that uses the leaf of a chain (so the whole chain waits for it), two result-tmp/
+#: entries and two cache-tmp/ leftovers: the order in which one pass removes them.
+ORDER = ["obuilder-run-1", "obuilder-c", "obuilder-b", "obuilder-a", "t1", "t2", "c1", "c2"]
+
+
+@pytest.mark.parametrize("at", ["task of obuilder-run-1", *ORDER])
+def test_stopping_finishes_the_action_under_way_not_the_pass(at: str) -> None:
+    stop = threading.Event()
+    fake = StopsDuring(
+        parents={"obuilder-a": None, "obuilder-b": "obuilder-a", "obuilder-c": "obuilder-b"},
+        containers={"obuilder-run-1": Container(id="obuilder-run-1", snapshot_key="obuilder-c")},
+        tasks={"obuilder-run-1": TaskStatus.RUNNING},
+        at=at,
+        stop=stop,
+    )
+    tmp = tuple(StoreEntry(id=i, area="result-tmp") for i in ("t1", "t2"))
+    store = StoreStopsDuring(StoreState(root="/s", tmp=tmp, cache_tmp=("c1", "c2")), at=at, stop=stop)
     p = plan(Observation(store=store.observe(), containerd=fake.observe()), PlanOptions(), NOW, Mode.BOOT)
-    asked: list[int] = []
+    assert [*(c.id for c in p.containers), *p.snapshots] == ORDER[:4]
+    assert [t.id for t in p.tmp_entries] == ["t1", "t2"] and [c.name for c in p.cache_tmp] == ["c1", "c2"]
 
-    def stop_after_first_action() -> bool:
-        asked.append(1)
-        return len(asked) > 1  # the first level runs; stop before the second
+    result = execute(p, fake, store, should_stop=stop.is_set)
 
-    result = execute(p, fake, store, should_stop=stop_after_first_action)
-    assert [r.name for r in result.results] == ["obuilder-c"]
-    assert set(fake.parents) == {"obuilder-a", "obuilder-b"}
+    assert stop.is_set()
+    done = ORDER[: ORDER.index(at) + 1] if at in ORDER else []
+    # The action under way finished, and was reported; nothing after it was done, or reported.
+    assert [(r.name, r.outcome) for r in result.results] == [(name, Outcome.REMOVED) for name in done]
+    left = {*fake.containers, *fake.parents, *(e.id for e in store.state.tmp), *store.state.cache_tmp}
+    assert left == set(ORDER) - set(done)
+    assert "obuilder-run-1" not in fake.tasks, "its task went first, whatever came after"
 
 
 def test_orphans_no_container_uses_go_while_containers_are_removed_and_the_rest_after() -> None:
