@@ -45,6 +45,11 @@ test-lines: system-deps setup
 	    $(BIN)/pytest -m containerd || exit 1; \
 	done
 
+# The fast loop while changing code: lint and the tests that need neither containerd nor seconds
+# each (make test runs those too).
+check: lint
+	$(BIN)/pytest -q -m "not containerd and not slow"
+
 lint: setup
 	$(BIN)/ruff check controller tests examples bench tools
 	$(BIN)/mypy controller tests tools

@@ -22,6 +22,9 @@ import controller.adapters.disk as disk
 from controller.adapters.ctr import Ctr, CtrSettings
 from controller.adapters.disk import DiskObserver
 
+#: Each test lays out 60,000 files.
+pytestmark = pytest.mark.slow
+
 FILES = 20_000
 FOLDERS = ("rm-a", "rm-b", "rm-c")
 

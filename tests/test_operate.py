@@ -144,6 +144,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_status_file_survives_kill_9_mid_write(tmp_path: Path) -> None:
     path = tmp_path / "state" / "status.json"
     rng = random.Random(3)

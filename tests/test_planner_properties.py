@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -141,6 +142,7 @@ def must_keep(obs: Observation, options: PlanOptions, mode: Mode) -> set[str]:
     return kept & owned
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(worlds())
 def test_never_plans_a_kept_snapshot_an_ancestor_of_one_or_a_foreign_object(
@@ -159,6 +161,7 @@ def test_never_plans_a_kept_snapshot_an_ancestor_of_one_or_a_foreign_object(
         assert not running & {c.id for c in p.containers}, "a live build is never disturbed"
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(worlds(), st.sampled_from([60.0, 3_600.0, 7 * 3_600.0, 30 * 86_400.0]))
 def test_a_step_of_the_wall_clock_alone_removes_nothing_more(
@@ -175,6 +178,7 @@ def test_a_step_of_the_wall_clock_alone_removes_nothing_more(
     assert {t.id for t in after.tmp_entries} <= {t.id for t in before.tmp_entries}
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(worlds())
 def test_children_always_go_before_their_parents(world: tuple[Observation, PlanOptions, Mode]) -> None:
@@ -187,6 +191,7 @@ def test_children_always_go_before_their_parents(world: tuple[Observation, PlanO
             assert level_of[s.key] < level_of[s.parent]
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(worlds())
 def test_running_the_plan_against_containerd_rules_converges(world: tuple[Observation, PlanOptions, Mode]) -> None:

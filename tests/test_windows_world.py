@@ -34,6 +34,9 @@ from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
 from tests.support.fake_ctr import HCS_GONE, PIPE, WORLD_ENV, load, locked, new_world, save
 from tests.support.world import World, create_store, layerinfo_text
 
+#: Every ctr.exe call here is a Python process (some a second long): seconds a test.
+pytestmark = pytest.mark.slow
+
 FAKE_CTR = Path(__file__).parent / "support" / "bin" / "ctr.exe"
 FIXTURES = Path(__file__).parent / "fixtures" / "windows"
 REPO = Path(__file__).resolve().parents[1]
