@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps test test-lines lint mutate demo crds bench bench-daemon clean
+.PHONY: setup system-deps test test-lines lint check mutate demo crds bench bench-daemon clean
 
 # Debian packages the demo and the integration tests run: installed when missing, if we may.
 SYSTEM_TOOLS := containerd ctr runc unshare promtool systemd-analyze cc
