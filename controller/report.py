@@ -167,6 +167,7 @@ def summary_json(run: RunReport) -> dict[str, Any]:
         "garbage_collection": run.garbage_collection,
         "disk": run.disk.model_dump(mode="json") if run.disk is not None else None,
         "left_on_disk": run.left_on_disk,
+        "trash": [t.model_dump(mode="json") for t in run.trash],
         "exit_code": run.exit_code,
     }
 

@@ -27,6 +27,7 @@ from controller.adapters.disk import (
 from controller.adapters.store import observe_store
 from controller.model.disk import DiskDrift, UnknownFolder
 from controller.model.records import ContainerdState
+from tests.support.cli import reconcile_on
 from tests.support.containerd import SNAPSHOTTER, PrivateContainerd
 from tests.support.world import World
 
@@ -441,3 +442,31 @@ def test_the_disk_look_becomes_gauges_by_reason() -> None:
     # A pass that did not look leaves the last look's numbers.
     metrics.pass_finished(report)
     assert 'obuilder_reconcile_disk_unknown_bytes{reason="removed"} 7000.0' in metrics.exposition().decode()
+
+
+@pytest.mark.containerd
+def test_an_entry_whose_files_cannot_be_deleted_leaves_once_at_exit_1_with_its_bytes_and_why(
+    world: World, containerd: PrivateContainerd, namespace: str, immutable: list[Path]
+) -> None:
+    """Removed is not reclaimed: an interrupted build's entry goes from result-tmp/ at once (into our
+    trash, so OBuilder never sees it half deleted), but a file in it that cannot be deleted keeps its
+    bytes on disk; the run says so, with the bytes and the error, and is not converged."""
+    entry = world.root / "result-tmp" / "interrupted"
+    entry.mkdir()
+    held = entry / "held.log"
+    held.write_bytes(b"x" * 54_321)
+    made = subprocess.run(["chattr", "+i", str(held)], capture_output=True, text=True, check=False)
+    assert made.returncode == 0, f"chattr +i is needed to make a file that cannot be deleted: {made.stderr}"
+    trashed = world.root / "state" / "obuilder-reconcile" / "trash" / "result-tmp-interrupted-1"
+    immutable.extend([held, trashed / "held.log"])
+
+    run = reconcile_on(containerd, namespace, world.root, "--once", "--json")
+    assert run.code == 1, run.stderr
+    assert not entry.exists(), "OBuilder would find the entry half deleted"
+    (left,) = run.json["summary"]["trash"]
+    assert (left["name"], left["size_bytes"]) == ("result-tmp-interrupted-1", 54_321)
+    assert "Operation not permitted" in left["error"]
+    stuck = {s["name"]: s["reason"] for s in run.json["summary"]["stuck"]}
+    assert "54,321 bytes stay on disk" in stuck["result-tmp-interrupted-1"]
+    text = reconcile_on(containerd, namespace, world.root, "--once")
+    assert text.code == 1 and "54,321 bytes stay on disk" in text.stdout + text.stderr

@@ -118,12 +118,15 @@ def run_once(
                 # Every pass made progress: one more look, without acting, says where it stands.
                 limit_hit = run.look(max_passes + 1, True).planned_total > 0
         collected = [job.result() for job in run.collections]
+    # Removed is not reclaimed: what the removals left in our trash stays on disk, and is stuck.
+    trash = () if options.dry_run else ports.store.empty_trash()
     failed_gc = [r.message for r in collected if not r.outcome.done]
     disk, left = run.disk_at_end()
     return RunReport(
         passes=tuple(run.reports),
         converged=run.reports[-1].planned_total == 0,
-        stuck=tuple(run.stuck(limit_hit, max_passes)),
+        stuck=(*run.stuck(limit_hit, max_passes), *(t.stuck for t in trash)),
+        trash=trash,
         seconds=round((ports.clock.now() - started).total_seconds(), 3),
         ctr_calls=ports.containerd.calls + (ports.disk.calls if ports.disk else 0) - calls,
         garbage_collection=None if not collected else (failed_gc[-1] if failed_gc else "done"),

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from controller.model.disk import DiskDrift
-from controller.model.outcome import Outcome, PassReport, Result
+from controller.model.outcome import Outcome, PassReport, Result, TrashLeft
 from controller.model.plan import Kind, Plan
 from controller.model.records import ContainerdState, StoreState
 
@@ -78,6 +78,10 @@ class StorePort(Protocol):
     def remove_tmp_entry(self, entry_id: str) -> Result: ...
 
     def remove_cache_tmp(self, name: str) -> Result: ...
+
+    def empty_trash(self) -> tuple[TrashLeft, ...]:
+        """Delete what our trash holds; what stays, with its bytes and why."""
+        ...
 
 
 class Clock(Protocol):

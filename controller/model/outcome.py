@@ -198,6 +198,28 @@ def empty_drift() -> dict[str, int]:
     return dict.fromkeys(DRIFT_KINDS, 0)
 
 
+class TrashLeft(Record):
+    """What a removal moved into our trash and could not delete: gone from the store as OBuilder sees
+    it, not from the disk (removed is not reclaimed)."""
+
+    #: The trash entry's name (``result-tmp-ID-N``, ``cache-tmp-NAME-N``) and where it is.
+    name: str
+    path: str
+    #: Bytes of the files under it (None: could not be measured).
+    size_bytes: int | None
+    error: str
+
+    @property
+    def stuck(self) -> Stuck:
+        kind = Kind.CACHE_TMP if self.name.startswith("cache-tmp-") else Kind.RESULT_TMP
+        size = "an unknown number of" if self.size_bytes is None else f"{self.size_bytes:,}"
+        return Stuck(
+            kind=kind,
+            name=self.name,
+            reason=f"moved to the trash ({self.path}) but not deleted: {size} bytes stay on disk: {self.error}",
+        )
+
+
 class RunReport(Record):
     """``--once``: its passes, and how the run ended."""
 
@@ -212,6 +234,8 @@ class RunReport(Record):
     garbage_collection: str | None = None
     #: The snapshotter's folder once the run (and that collection) ended.
     disk: DiskDrift | None = None
+    #: What the run's removals left in our trash (each also among ``stuck``).
+    trash: tuple[TrashLeft, ...] = ()
     #: Bytes of removed snapshots whose folders stayed on disk (``rm-*`` grown during the
     #: run; known when bytes are measured): not reclaimed, though containerd's records say so.
     left_on_disk: int | None = None

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from controller.core.ages import stamp_of
 from controller.core.ports import Clock, Ports, Reporter
-from controller.model.outcome import Outcome, Result
+from controller.model.outcome import Outcome, Result, TrashLeft
 from controller.model.records import (
     Container,
     ContainerdState,
@@ -132,6 +132,8 @@ class FakeContainerd:
 class FakeStore:
     state: StoreState
     removed: list[str] = field(default_factory=list)
+    #: What stays in the trash whatever is tried.
+    trash: tuple[TrashLeft, ...] = ()
 
     @staticmethod
     def empty() -> StoreState:
@@ -150,6 +152,9 @@ class FakeStore:
         self.state = self.state.model_copy(update={"tmp": tmp})
         self.removed.append(f"result-tmp/{entry_id}")
         return Result(Outcome.REMOVED if len(tmp) < before else Outcome.NOT_FOUND)
+
+    def empty_trash(self) -> tuple[TrashLeft, ...]:
+        return self.trash
 
     def remove_cache_tmp(self, name: str) -> Result:
         rest = tuple(n for n in self.state.cache_tmp if n != name)
