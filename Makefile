@@ -70,11 +70,20 @@ demo: system-deps setup
 # planner at scale, store reads and start-up, and the daemon's CPU beside a busy worker on a
 # 5,000-result store against the same on an empty one (BENCH_BUSY_SECONDS each; 5 minutes).
 BENCH_BUSY_SECONDS ?= 300
+# At 50,000 results: a resync that verifies stamps, the planner at 500,000 snapshots, where a pass's
+# time goes, and the daemon beside a busy worker at interval 5s with all, half or none of the
+# results' snapshots missing (BENCH_BIG_BUSY_SECONDS each).
+BENCH_BIG_BUSY_SECONDS ?= 60
 bench: system-deps setup
 	-$(BIN)/python bench/removal_bench.py --orphans 800 2000
 	-$(BIN)/python bench/planner_scale.py
+	-$(BIN)/python bench/planner_scale.py --snapshots 500000 --results 50000 --target-seconds 3 --target-mb 1500
 	-$(BIN)/python bench/store_scale.py
+	-$(BIN)/python bench/store_scale.py --results 50000 --no-startup
+	-$(BIN)/python bench/pass_scale.py --results 50000 --drift none,half,all
 	-$(BIN)/python bench/daemon_bench.py --idle 10 --changes 5 --busy $(BENCH_BUSY_SECONDS)
+	-$(BIN)/python bench/daemon_bench.py --busy-only --busy $(BENCH_BUSY_SECONDS) --big 5000 --drift all,half,none --interval 5s
+	-$(BIN)/python bench/daemon_bench.py --busy-only --busy $(BENCH_BIG_BUSY_SECONDS) --big 50000 --drift all,half,none --interval 5s
 
 bench-daemon: setup
 	$(BIN)/python bench/daemon_bench.py

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.adapters import store as store_module
 from controller.adapters.store import FsStore, ReadCache, check_store, observe_store, read_db, read_layerinfo
 from controller.model.errors import LayerinfoError, StoreSanityError
 from tests.support.world import create_store, layerinfo_text
@@ -307,17 +310,189 @@ def test_a_cached_look_reads_only_what_changed(tmp_path: Path) -> None:
     assert {e.id for e in second.results} - {e.id for e in first.results} == {"new"}
 
 
-def test_the_cache_is_dropped_at_each_resync(tmp_path: Path) -> None:
+def _settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No stamp counts as racy: what these tests write is older than any tick that follows."""
+    monkeypatch.setattr(store_module, "RACY_NS", 0)
+
+
+def test_a_resync_verifies_the_cache_and_reads_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _settled(monkeypatch)
+    root = create_store(tmp_path / "store")
+    for n in range(20):
+        _result(root, f"r{n}", f"obuilder-r{n}")
+    now = [0.0]
+    store = FsStore(root, resync=300, full_every=3000, clock=lambda: now[0])
+    store.observe()
+    cache = store.cache
+    assert cache is not None and (cache.reads, cache.hits) == (20, 0)
+    now[0] = 301
+    with caplog.at_level(logging.INFO, logger="reconcile"):
+        store.observe()
+    assert store.cache is cache and (cache.reads, cache.hits, cache.verified) == (20, 20, 20), "verified, not read"
+    assert not caplog.records, "a verification is not a full read"
+    time.sleep(0.02)  # a later tick of the file clock
+    li = root / "result" / "r3" / "layerinfo"
+    li.write_text(li.read_text().replace("obuilder-r3", "obuilder-x3"))  # in place: the folder keeps its stamps
+    now[0] = 601
+    state = store.observe()
+    assert state.results[[e.id for e in state.results].index("r3")].snapshot_keys == ("obuilder-x3",)
+    assert (cache.reads, cache.hits) == (21, 39)
+
+
+def test_a_true_full_read_every_full_every_and_after_an_error_while_verifying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _settled(monkeypatch)
     root = create_store(tmp_path / "store")
     _result(root, "r", "obuilder-r")
     now = [0.0]
-    store = FsStore(root, resync=300, clock=lambda: now[0])
+    store = FsStore(root, resync=300, full_every=3000, clock=lambda: now[0])
     store.observe()
+    first = store.cache
+    now[0] = 2999
     store.observe()
-    assert store.cache is not None and store.cache.hits == 1
-    now[0] = 301
-    store.observe()
+    assert store.cache is first
+    now[0] = 3000
+    with caplog.at_level(logging.INFO, logger="reconcile"):
+        store.observe()
+    assert store.cache is not first and store.cache is not None
     assert (store.cache.reads, store.cache.hits) == (1, 0), "a full read"
+    assert "full read" in caplog.text and "every 3000s" in caplog.text
+    caplog.clear()
+
+    real_lstat = os.lstat
+    failed: list[object] = []
+
+    def failing_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if not failed and str(path).endswith("layerinfo"):
+            failed.append(path)
+            raise OSError(5, "Input/output error", str(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    second = store.cache
+    monkeypatch.setattr(os, "lstat", failing_lstat)
+    now[0] = 3400  # a resync: verifies, an EIO
+    with caplog.at_level(logging.INFO, logger="reconcile"):
+        state = store.observe()
+    assert failed and store.cache is not second and (store.cache.reads, store.cache.hits) == (1, 0)
+    assert "after an error while verifying" in caplog.text and "Input/output error" in caplog.text
+    assert state == observe_store(root)
+
+
+def _same_size_same_mtime(entry: Path) -> None:
+    li = entry / "layerinfo"
+    before = li.stat()
+    text = li.read_text()
+    li.write_text(text.replace("obuilder-", "obuildeR-"))  # same length, in place: same inode
+    os.utime(li, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = li.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+def _renamed_over(entry: Path) -> None:
+    folder = entry.stat()
+    (entry / "layerinfo.new").write_text(layerinfo_text(f"obuilder-new-{entry.name}", "/snap/new", []))
+    os.replace(entry / "layerinfo.new", entry / "layerinfo")
+    os.utime(entry, ns=(folder.st_atime_ns, folder.st_mtime_ns))
+
+
+def _folder_renamed_over(entry: Path) -> None:
+    folder = entry.stat()
+    new = entry.parent.parent / "result-tmp" / (entry.name + ".new")
+    new.mkdir()
+    (new / "layerinfo").write_text(layerinfo_text(f"obuilder-{entry.name}-rebuilt", "/snap/rebuilt", []))
+    os.utime(new, ns=(folder.st_atime_ns, folder.st_mtime_ns))
+    os.rename(entry, entry.parent.parent / "gone")  # (rename onto a folder needs it empty)
+    os.rename(new, entry)
+    shutil.rmtree(entry.parent.parent / "gone")
+
+
+def _rootfs_appears(entry: Path) -> None:
+    folder = entry.stat()
+    (entry / "rootfs").mkdir()
+    (entry / "rootfs" / "layerinfo").write_text(layerinfo_text(f"obuilder-base-{entry.name}", "/snap/base", []))
+    os.utime(entry, ns=(folder.st_atime_ns, folder.st_mtime_ns))
+
+
+def _rootfs_goes(entry: Path) -> None:
+    folder = entry.stat()
+    shutil.rmtree(entry / "rootfs")
+    os.utime(entry, ns=(folder.st_atime_ns, folder.st_mtime_ns))
+
+
+@pytest.mark.parametrize("racy", [False, True], ids=["a later tick", "within the same tick"])
+@pytest.mark.parametrize(
+    "change",
+    [_same_size_same_mtime, _renamed_over, _folder_renamed_over, _rootfs_appears],
+    ids=["same size and mtime", "layerinfo renamed over", "folder renamed over", "rootfs appears"],
+)
+def test_a_change_under_any_stamp_is_seen_by_the_next_verifying_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[Path], None], racy: bool
+) -> None:
+    """A layerinfo can change without its folder's stamps changing: a verification stats it.
+    Within the same tick of the file clock, the stamps can all be equal: what was read within
+    RACY_NS of its stamps is read again, never trusted."""
+    if not racy:
+        _settled(monkeypatch)
+    root = create_store(tmp_path / "store")
+    for n in range(5):
+        _result(root, f"r{n}", f"obuilder-r{n}")
+    entry = root / "result" / "r2"
+    if change is _rootfs_goes:
+        (entry / "rootfs").mkdir()
+    now = [0.0]
+    store = FsStore(root, resync=5, clock=lambda: now[0])
+    store.observe()
+    cache = store.cache
+    if not racy:
+        time.sleep(0.02)  # a later tick of the file clock: the stamps alone must tell
+    before = observe_store(root)
+    change(entry)
+    now[0] += 5
+    seen = store.observe()
+    assert store.cache is cache, "a verification, not a full read"
+    assert seen == observe_store(root) != before
+    if not racy:
+        assert cache is not None and cache.reads == 6, "only the changed entry is read again"
+    now[0] += 5
+    assert store.observe() == observe_store(root)
+    assert store.cache is cache
+
+
+def test_rootfs_that_goes_is_seen_by_the_next_verifying_look(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _settled(monkeypatch)
+    root = create_store(tmp_path / "store")
+    _result(root, "r", "obuilder-r")
+    (root / "result" / "r" / "rootfs").mkdir()
+    now = [0.0]
+    store = FsStore(root, resync=5, clock=lambda: now[0])
+    assert store.observe().results[0].has_rootfs
+    time.sleep(0.02)
+    _rootfs_goes(root / "result" / "r")
+    now[0] = 5
+    assert not store.observe().results[0].has_rootfs
+    assert store.cache is not None and store.cache.reads == 2
+
+
+def test_a_reread_db_reuses_unchanged_rows_and_equals_a_full_read(tmp_path: Path) -> None:
+    root = create_store(tmp_path / "store")
+    db = sqlite3.connect(root / "state" / "db" / "db.sqlite")
+    with db:
+        for n in range(10):
+            db.execute("INSERT INTO builds VALUES (?, '', '', 0, NULL)", (f"b{n}",))
+        db.execute("INSERT INTO builds VALUES ('weird', '', '', 1, NULL)")
+    store = FsStore(root, resync=3600)
+    first = store.observe().db_rows
+    with db:
+        db.execute("INSERT INTO builds VALUES ('b10', '', '', 0, 'b1')")
+        db.execute("UPDATE builds SET rc = 'one' WHERE id = 'weird'")  # not what OBuilder writes
+    db.close()
+    second = store.observe().db_rows
+    assert second == observe_store(root).db_rows
+    assert second[0] is first[0], "an unchanged row is reused"
+    assert next(r for r in second if r.id == "weird").rc is None
 
 
 @pytest.mark.parametrize(
@@ -387,3 +562,43 @@ def test_a_50_mb_layerinfo_costs_a_read_of_one_mebibyte_not_fifty(tmp_path: Path
     read = read_bytes() - before
     assert state.results[0].layerinfo_error is not None and "larger than 1024 KiB" in state.results[0].layerinfo_error
     assert read < 2 * 1024 * 1024, f"read {read:,} bytes for one oversized layerinfo"
+
+
+def test_an_unchanged_store_is_the_very_same_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a pass derives from the state can be kept by identity: nothing changed, same object."""
+    _settled(monkeypatch)
+    root = create_store(tmp_path / "store")
+    for n in range(5):
+        _result(root, f"r{n}", f"obuilder-r{n}")
+    now = [0.0]
+    store = FsStore(root, resync=5, clock=lambda: now[0])
+    first = store.observe()
+    assert store.observe() is first
+    now[0] = 5  # a verification that finds nothing changed
+    assert store.observe() is first
+    time.sleep(0.02)
+    _result(root, "z-new", "obuilder-z-new")
+    second = store.observe()
+    assert second is not first and second == observe_store(root)
+    assert all(a is b for a, b in zip(first.results, second.results[:5], strict=True)), "unchanged entries are kept"
+
+
+def test_verify_share_spaces_verifications_by_what_the_last_one_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _settled(monkeypatch)
+    root = create_store(tmp_path / "store")
+    _result(root, "r", "obuilder-r")
+    now = [0.0]
+    store = FsStore(root, resync=5, verify_share=0.01, clock=lambda: now[0])
+    store.observe()
+    cache = store.cache
+    assert cache is not None
+    store.verify_seconds = 0.5  # as if the last one took half a second: the next in 50 s, not 5
+    now[0] = 10
+    store.observe()
+    assert cache.verified == 0
+    now[0] = 50
+    store.observe()
+    assert cache.verified == 1 and store.cache is cache
+    assert FsStore(root, resync=5).verify_share is None, "off unless asked"
