@@ -43,7 +43,7 @@ def test_a_key_recreated_a_minute_ago_gets_a_fresh_grace_period_whatever_its_nam
     # Another snapshot under the same key: the day watched was the old one's, so its watch starts
     # now, and its grace period with it (its Created says a minute, but only watched time counts).
     assert kept["obuilder-x"].startswith("watched 0 s by this process (created 60 s ago")
-    assert seen.history.snapshots["obuilder-x"].seconds == 0
+    assert seen.history.snapshots["obuilder-x"].since == 0, "watched from this pass (no pass before it)"
     assert p.requeue_after == OPTIONS.grace_period
     # Only what the plan would otherwise remove is asked its age (one ctr call a key).
     assert fake.calls == 3

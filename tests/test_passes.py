@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from controller.core.ages import entry_stamp, stamp_of, watch_clock
+from controller.core.ages import watched as watched_for
 from controller.core.loop import Loop
 from controller.core.observe import remember
 from controller.core.passes import PassOptions, one_pass, run_once
@@ -20,6 +21,7 @@ from controller.model.errors import CtrError
 from controller.model.outcome import Backlog, Outcome, PassReport, Result
 from controller.model.plan import Kind, Mode, Plan, PlanOptions
 from controller.model.records import (
+    ClockWatch,
     Container,
     ContainerdState,
     History,
@@ -107,19 +109,23 @@ def test_history_watches_containers_by_identity_and_state_and_forgets_what_went(
         tasks=(Task(id="run-1", status=TaskStatus.RUNNING), Task(id="run-2", status=TaskStatus.STOPPED)),
     )
     h = remember(History(), state, empty, watch_clock(None, NOW, 0.0))
-    assert h.live_containers == {"run-1": Watch(stamp=stamp_of(made))}
-    assert h.idle_containers == {"run-2": Watch(stamp=stamp_of(made))}
+    assert h.live_containers == {"run-1": Watch(stamp=stamp_of(made), since=0.0)}
+    assert h.idle_containers == {"run-2": Watch(stamp=stamp_of(made), since=0.0)}
     later = NOW + timedelta(minutes=1)
     # run-1's task stopped; run-2 was removed and a new container took its id (obuilder-run-N ids repeat).
     run2_again = Container(id="run-2", created_at=later)
     state2 = ContainerdState(containers=(run1, run2_again), tasks=(Task(id="run-1", status=TaskStatus.STOPPED),))
     h2 = remember(h, state2, empty, watch_clock(h.clock, later, 60.0))
-    assert h2.idle_containers == {"run-1": Watch(stamp=stamp_of(made)), "run-2": Watch(stamp=stamp_of(later))}
+    assert h2.idle_containers == {
+        "run-1": Watch(stamp=stamp_of(made), since=60.0),
+        "run-2": Watch(stamp=stamp_of(later), since=60.0),
+    }
     assert h2.live_containers == {}, "a container whose task stopped is no longer watched running"
     h3 = remember(h2, state2, empty, watch_clock(h2.clock, later + timedelta(minutes=5), 360.0))
-    assert {k: w.seconds for k, w in h3.idle_containers.items()} == {"run-1": 300, "run-2": 300}, (
-        "idle since the first look, not the last"
-    )
+    assert {k: watched_for(w, w.stamp, 360.0).total_seconds() for k, w in h3.idle_containers.items()} == {
+        "run-1": 300,
+        "run-2": 300,
+    }, "idle since the first look, not the last"
 
 
 def test_a_dry_run_changes_nothing_and_tells_no_reporter_it_acted() -> None:
@@ -262,16 +268,19 @@ def test_the_backlog_of_each_kind_says_what_waits_until_when_what_is_held_back_a
     )
     # The daemon has watched each snapshot since it was made (the old ones for a day), the
     # container since it went idle (just now), the entry since it last changed.
+    clock = FakeClock(NOW)
+    at = clock.monotonic()  # the last pass's reading: this pass reads the same (no time passed)
     idle = History(
+        clock=ClockWatch(monotonic=at, offset=NOW.timestamp() - at),
         snapshots={
-            **{k: Watch(stamp=stamp_of(c), seconds=(NOW - c).total_seconds()) for k, c in young.items()},
-            **{k: Watch(stamp=stamp_of(OLD), seconds=86_400) for k in old},
+            **{k: Watch(stamp=stamp_of(c), since=at - (NOW - c).total_seconds()) for k, c in young.items()},
+            **{k: Watch(stamp=stamp_of(OLD), since=at - 86_400) for k in old},
         },
-        idle_containers={"obuilder-run-1": Watch(stamp=stamp_of(OLD))},
-        tmp_entries={"fresh": Watch(stamp=entry_stamp(fresh), seconds=30)},
+        idle_containers={"obuilder-run-1": Watch(stamp=stamp_of(OLD), since=at)},
+        tmp_entries={"fresh": Watch(stamp=entry_stamp(fresh), since=at - 30)},
     )
     events = Events()
-    ports = fake_ports(fake, store, FakeClock(NOW), reporter=events)
+    ports = fake_ports(fake, store, clock, reporter=events)
     report = one_pass(ports, PassOptions(plan=options, mode=Mode.DAEMON), idle, 1)
     b = report.backlogs
     # The oldest young one (30 s old) is eligible in 30 s; the container 60 s after it went idle.

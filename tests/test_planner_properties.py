@@ -81,10 +81,11 @@ def worlds(draw: st.DrawFn) -> tuple[Observation, PlanOptions, Mode]:
         """What the daemon may have watched: never longer than the object has been (a watch under
         another stamp was another object's, of any length)."""
         if draw(st.booleans()):
-            return Watch(stamp="another", seconds=draw(st.sampled_from([0.0, 5.0, 86_400.0])))
+            return Watch(stamp="another", since=-draw(st.sampled_from([0.0, 5.0, 86_400.0])))
         longest = (NOW - stamped_at).total_seconds() if stamped_at is not None else 86_400.0
         seconds = draw(st.sampled_from([0.0, 5.0, 700.0, 86_400.0]).filter(lambda s: s <= longest))
-        return Watch(stamp=stamp, seconds=seconds)
+        # No pass has brought this history up to date: its monotonic clock reads 0.
+        return Watch(stamp=stamp, since=-seconds)
 
     history = History(
         snapshots={k: watch(stamp_of(created.get(k) or old), created.get(k)) for k in owned if draw(st.booleans())},
@@ -106,7 +107,7 @@ def worlds(draw: st.DrawFn) -> tuple[Observation, PlanOptions, Mode]:
 
 
 def _watched(watch: Watch | None, stamp: str) -> timedelta:
-    return timedelta(seconds=watch.seconds) if watch is not None and watch.stamp == stamp else timedelta(0)
+    return timedelta(seconds=-watch.since) if watch is not None and watch.stamp == stamp else timedelta(0)
 
 
 def must_keep(obs: Observation, options: PlanOptions, mode: Mode) -> set[str]:

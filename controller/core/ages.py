@@ -76,28 +76,29 @@ def watch_clock(previous: ClockWatch | None, now: datetime, monotonic: float) ->
     return ClockRead(clock, elapsed, step)
 
 
-def carry(watches: Mapping[str, Watch], present: Mapping[str, str | None], elapsed: float) -> dict[str, Watch]:
-    """The watches of what is present now: grown by ``elapsed`` where the stamp is the same, from
-    zero under a new stamp; what went is forgotten. A stamp of None (not read this pass: a
-    snapshot's Created) carries the watch as it is, to be checked when it is read."""
+def carry(watches: Mapping[str, Watch], present: Mapping[str, str | None], monotonic: float) -> dict[str, Watch]:
+    """The watches of what is present now: kept where the stamp is the same, started now under a
+    new stamp; what went is forgotten. A stamp of None (not read this pass: a snapshot's
+    Created) carries the watch as it is, to be checked when it is read."""
     out: dict[str, Watch] = {}
+    get = watches.get
     for name, stamp in present.items():
-        old = watches.get(name)
-        if old is not None and stamp in (None, old.stamp):
-            out[name] = Watch(stamp=old.stamp, seconds=old.seconds + elapsed)
+        old = get(name)
+        if old is not None and (stamp is None or stamp == old.stamp):
+            out[name] = old
         elif stamp is not None:
-            out[name] = Watch(stamp=stamp)
+            out[name] = Watch.model_construct(stamp=stamp, since=monotonic)
     return out
 
 
-def restamp(watches: Mapping[str, Watch], stamps: Mapping[str, str]) -> dict[str, Watch]:
+def restamp(watches: Mapping[str, Watch], stamps: Mapping[str, str], monotonic: float) -> dict[str, Watch]:
     """Stamps read during the pass (a snapshot's Created): a watch under another stamp was
-    another object's and starts again from zero."""
+    another object's and starts again now."""
     out = dict(watches)
     for name, stamp in stamps.items():
         old = out.get(name)
         if old is None or old.stamp != stamp:
-            out[name] = Watch(stamp=stamp)
+            out[name] = Watch.model_construct(stamp=stamp, since=monotonic)
     return out
 
 
@@ -108,18 +109,24 @@ def wall_age(stamped_at: datetime, now: datetime, net_step: timedelta) -> timede
     return max(now, now - net_step) - stamped_at
 
 
-def watched(watch: Watch | None, stamp: str) -> timedelta:
-    """How long this process has watched the object under this stamp (zero: never)."""
+def watched(watch: Watch | None, stamp: str, monotonic: float) -> timedelta:
+    """How long this process has watched the object under this stamp (zero: never), as of the
+    monotonic reading ``monotonic``."""
     if watch is None or watch.stamp != stamp:
         return timedelta(0)
-    return timedelta(seconds=watch.seconds)
+    return timedelta(seconds=max(0.0, monotonic - watch.since))
 
 
 def age(
-    watch: Watch | None, stamp: str, stamped_at: datetime | None, now: datetime, net_step: timedelta
+    watch: Watch | None,
+    stamp: str,
+    stamped_at: datetime | None,
+    now: datetime,
+    net_step: timedelta,
+    monotonic: float,
 ) -> timedelta:
     """The age that may decide a removal: never more than watched, nor than the wall-clock age."""
-    seen = watched(watch, stamp)
+    seen = watched(watch, stamp, monotonic)
     if stamped_at is None:
         return seen
     return min(seen, wall_age(stamped_at, now, net_step))
@@ -135,3 +142,8 @@ def ahead(stamped_at: datetime | None, now: datetime, net_step: timedelta) -> fl
 
 def net_step(clock: ClockWatch | None) -> timedelta:
     return timedelta(seconds=clock.net_step if clock is not None else 0.0)
+
+
+def reading(clock: ClockWatch | None) -> float:
+    """The monotonic reading of the pass a history was brought up to date in (0: none yet)."""
+    return clock.monotonic if clock is not None else 0.0

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol, TypeVar
 
-from controller.core.ages import restamp, stamp_of
+from controller.core.ages import reading, restamp, stamp_of
 from controller.core.planner import plan as make_plan
 from controller.model.errors import CtrError, CtrTimeoutError
 from controller.model.outcome import Outcome, Result
@@ -70,7 +70,9 @@ def plan_with_ages(
     aged = observation.model_copy(
         update={
             "containerd": observation.containerd.model_copy(update={"snapshots": snapshots}),
-            "history": history.model_copy(update={"snapshots": restamp(history.snapshots, stamps)}),
+            "history": history.model_copy(
+                update={"snapshots": restamp(history.snapshots, stamps, reading(history.clock))}
+            ),
         }
     )
     return make_plan(aged, options, now, mode), aged

@@ -70,13 +70,13 @@ def remember(history: History, containerd: ContainerdState, store: StoreState, c
     snapshots_now: dict[str, str | None] = {
         s.key: None if s.created is None else ages.stamp_of(s.created) for s in containerd.snapshots
     }
-    elapsed = clock.elapsed
+    now = clock.clock.monotonic
     return history.model_copy(
         update={
             "clock": clock.clock,
-            "snapshots": ages.carry(history.snapshots, snapshots_now, elapsed),
-            "idle_containers": ages.carry(history.idle_containers, idle_now, elapsed),
-            "live_containers": ages.carry(history.live_containers, live_now, elapsed),
-            "tmp_entries": ages.carry(history.tmp_entries, {e.id: ages.entry_stamp(e) for e in store.tmp}, elapsed),
+            "snapshots": ages.carry(history.snapshots, snapshots_now, now),
+            "idle_containers": ages.carry(history.idle_containers, idle_now, now),
+            "live_containers": ages.carry(history.live_containers, live_now, now),
+            "tmp_entries": ages.carry(history.tmp_entries, {e.id: ages.entry_stamp(e) for e in store.tmp}, now),
         }
     )

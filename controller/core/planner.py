@@ -115,11 +115,12 @@ class _World:
     def age(self, watches: Mapping[str, Watch], name: str, stamp: str, stamped_at: datetime | None) -> timedelta:
         """An age that may decide a removal (see controller.core.ages): never more than this
         process has watched the object in this state, nor than its wall-clock age."""
-        step = ages.net_step(self.observation.history.clock)
+        clock = self.observation.history.clock
+        step = ages.net_step(clock)
         lead = ages.ahead(stamped_at, self.now, step)
         if lead is not None:
             self.ahead[name] = lead
-        return ages.age(watches.get(name), stamp, stamped_at, self.now, step)
+        return ages.age(watches.get(name), stamp, stamped_at, self.now, step, ages.reading(clock))
 
     def wait(self, kind: Kind, period: timedelta, age: timedelta | None) -> None:
         self.waiting[kind].append(None if age is None else self.now + max(period - age, timedelta(0)))

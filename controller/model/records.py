@@ -147,14 +147,16 @@ def container_identity(c: Container) -> str:
 
 
 class Watch(Record):
-    """How long this process has watched one object in one state, on its monotonic clock.
+    """Since when this process has watched one object in one state, on its monotonic clock.
 
     ``stamp`` is what makes the state (a snapshot's Created, a container's creation time, a
     ``result-tmp/`` entry's stamps): names repeat, so time watched under another stamp is
-    another object's and counts for nothing."""
+    another object's and counts for nothing. ``since`` is a reading of the monotonic clock
+    (``History.clock.monotonic`` is the current pass's): an unchanged watch is carried from pass
+    to pass as it is, so a store of 50,000 objects costs no new record a pass."""
 
     stamp: str
-    seconds: float = 0.0
+    since: float = 0.0
 
 
 class ClockWatch(Record):

@@ -190,7 +190,8 @@ def watched(fake: FakeContainerd, seconds: float, **more: dict[str, Watch]) -> H
     """A daemon's memory that has watched every snapshot of ``fake`` for ``seconds`` under its
     present Created: what a test that is about something else than ages needs for the grace
     period to have run out (ages never exceed what the daemon watched)."""
-    snapshots = {k: Watch(stamp=stamp_of(fake.created.get(k, _EPOCH)), seconds=seconds) for k in fake.parents}
+    # A history not yet brought up to date by a pass reads the monotonic clock as 0: since -seconds.
+    snapshots = {k: Watch(stamp=stamp_of(fake.created.get(k, _EPOCH)), since=-seconds) for k in fake.parents}
     return History(snapshots=snapshots, **more)
 
 
