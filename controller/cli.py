@@ -1,12 +1,13 @@
-"""The ``reconcile`` command: its flags, its two subcommands and its exit codes.
+"""The ``reconcile`` command: its flags, its three subcommands and its exit codes.
 
 Only what parsing needs is imported here, so ``--help`` and ``--version`` answer at
 once; the work (settings, the core, the adapters) is imported once a run is asked
 for (``controller.commands``), and ``check-policy`` imports the policy loader alone.
 
 ``reconcile [flags]`` is the tool (``--once`` at boot, the daemon without it);
+``reconcile check [flags]`` reports every inconsistency, read-only (``controller.commands.run_check``);
 ``reconcile check-policy FILE`` validates a policy with no store, worker or containerd;
-``reconcile service [flags]`` is the Windows service (``controller.service``). The two
+``reconcile service [flags]`` is the Windows service (``controller.service``). The three
 words are recognised only as the first argument, so every flag-style command line keeps
 its meaning.
 """
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from controller import __version__
 from controller.adapters import platform
-from controller.model.errors import EXIT_RULES, ExitCode, ReconcileError, exit_code_for
+from controller.model.errors import EXIT_RULES, ExitCode, ReconcileError, UsageError, exit_code_for
 
 if TYPE_CHECKING:
     from controller.config.invocation import Invocation
@@ -43,6 +44,9 @@ EPILOG = f"""\
 {_exit_codes()}
 
 subcommands (first argument only):
+  check [flags]       list every inconsistency between result/, result-tmp/, cache-tmp/, the DB
+                      and containerd (read-only, worker up or down): exit 0 clean, 1 findings
+                      (reconcile check --help)
   check-policy FILE   validate a policy (no store, worker or containerd needed): exit 0 and
                       a one-line summary (--json: the effective policy), or exit 2 with
                       FILE:LINE:COLUMN
@@ -88,6 +92,15 @@ def _what_to_do(p: argparse.ArgumentParser) -> None:
         "--explain",
         metavar="NAME",
         help="say which rule keeps a snapshot, container or result-tmp entry, or why it would go",
+    )
+    p.add_argument(
+        "--repair",
+        action="append",
+        metavar="CLASS[,CLASS]",
+        help="with --once, before the passes: opt-in repairs of OBuilder's DB and result/ (poisoned-result, "
+        "row-without-result, rc, result-without-row), only when the worker check passes (never with --force), "
+        "the store lock held, after a backup of the DB into STORE/state/obuilder-reconcile/; replaces the "
+        "policy's spec.repair.classes (reconcile check lists what each would do)",
     )
     p.add_argument(
         "--max-passes",
@@ -193,6 +206,54 @@ def build_check_policy_parser() -> argparse.ArgumentParser:
     return p
 
 
+CHECK_EPILOG = """\
+finding classes (severity; repair):
+  result-missing-snapshot  result/ID whose KEY-committed snapshot is gone: Db_store.get_build takes it
+                           as built and the next step fails to prepare (error; --repair poisoned-result)
+  row-without-result       a DB row with no result/ID (warning; --repair row-without-result)
+  result-without-row       result/ID with no DB row: never pruned (warning; --repair result-without-row)
+  rc-mismatch              a row whose rc is not the number of rows naming it as parent: Dao.lru takes
+                           only rc = 0 rows (warning; --repair rc)
+  orphan-snapshot          an obuilder-* snapshot nothing keeps (warning; reconcile --once)
+  leftover-container       an obuilder-run-* container no build uses (warning; reconcile --once)
+  stale-result-tmp         an interrupted result-tmp/ entry (info; reconcile --once)
+  cache-tmp-leftover       a cache-tmp/ entry left at start-up (info; reconcile --once)
+
+With the worker surely down, what it left is judged with boot semantics; otherwise only what is
+surely dead is reported (no age counts in one look). Nothing is changed.
+
+exit codes:
+  0  clean: the store, its DB and containerd agree
+  1  findings (listed on stdout; --json: one JSON document)
+  2 and above: as for reconcile (usage, store not ready, containerd unreachable...)
+"""
+
+
+def build_check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="reconcile check",
+        description="Report every inconsistency between result/, result-tmp/, cache-tmp/, OBuilder's DB and "
+        "containerd's snapshots and containers, with what OBuilder does with each and the repair that exists "
+        "for it. Read-only; the worker may be up or down.",
+        epilog=CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _where(p)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    return p
+
+
+def check(argv: Sequence[str]) -> int:
+    args = invocation(build_check_parser().parse_args(argv))
+    from controller.commands import run_check
+
+    try:
+        return run_check(args, os.environ)
+    except ReconcileError as e:
+        print(f"reconcile: {e}", file=sys.stderr)
+        return int(exit_code_for(e))
+
+
 def check_policy(argv: Sequence[str]) -> int:
     args = build_check_policy_parser().parse_args(argv)
     from pathlib import Path
@@ -227,18 +288,27 @@ def invocation(args: argparse.Namespace) -> Invocation:
     """The parsed flags as the typed, frozen record the rest of the program reads."""
     from controller.config.invocation import Invocation
 
-    return Invocation(**{name: getattr(args, name) for name in Invocation._fields if hasattr(args, name)})
+    fields = {name: getattr(args, name) for name in Invocation._fields if hasattr(args, name)}
+    if fields.get("repair") is not None:
+        fields["repair"] = tuple(fields["repair"])
+    return Invocation(**fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["check-policy"]:
         return check_policy(argv[1:])
+    if argv[:1] == ["check"]:
+        return check(argv[1:])
     service = argv[:1] == ["service"]
-    args = invocation((build_service_parser() if service else build_parser()).parse_args(argv[1:] if service else argv))
+    parsed = (build_service_parser() if service else build_parser()).parse_args(argv[1:] if service else argv)
+    args = invocation(parsed)
     try:
         if service:
             from controller.commands import run_service
+
+            if args.repair is not None:
+                raise UsageError("reconcile service takes its repairs from spec.repair.classes, not --repair")
 
             return int(run_service(args, os.environ))
         from controller.commands import run

@@ -12,20 +12,25 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from controller.adapters import platform
 from controller.adapters.ctr import Ctr
+from controller.adapters.db_repair import apply_repairs
 from controller.adapters.lock import StoreLock
 from controller.adapters.logs import CopyTruncateFileHandler, LogReporter, ProgressReporter, configure_logging
 from controller.adapters.status import StatusFile, write_status
 from controller.adapters.store import DB_PATH, check_store
 from controller.config.invocation import Invocation
 from controller.config.settings import Overrides, Settings, resolve
+from controller.core.check import check as classify
+from controller.core.check import describe, implausible_poisoning, parse_repair_classes, plan_repairs
 from controller.core.passes import PassOptions, one_pass, run_once
 from controller.core.ports import Ports, Reporter, Reporters
+from controller.model.check import CheckReport, RepairClass, RepairPlan, Severity
 from controller.model.errors import (
     ContainerdUnreachableError,
     CtrError,
@@ -142,10 +147,13 @@ def no_worker_running(settings: Settings) -> None:
 
 
 def run(args: Invocation, env: Mapping[str, str]) -> int:
+    """``reconcile [flags]``."""
+    repair = args.repair
     settings = resolve_settings(args, env)
     check_store_ready(settings.store)
     mode = Mode.BOOT if args.once else Mode.DAEMON
     options = settings.plan_options(mode)
+    classes = repair_classes(settings, repair)
 
     wait = settings.wait_for_containerd.total_seconds()
     if wait > 0:
@@ -154,13 +162,125 @@ def run(args: Invocation, env: Mapping[str, str]) -> int:
     if args.explain:
         return explain(args.explain, settings.ports(Reporter()), options, mode)
     if not args.once:
+        if repair:
+            raise UsageError("--repair goes with --once: repairs are made at boot only, never beside a live worker")
         return run_daemon(args, env, settings)
+    if classes and args.force:
+        raise WorkerRunningError(
+            f"--repair {','.join(classes)} changes OBuilder's DB and result/: it runs only when the worker check "
+            "passes, never with --force; stop the worker and run again without --force"
+        )
     if not args.force:
         no_worker_running(settings)
     if args.dry_run:
+        if classes:
+            start_logging(args)
+            repair_at_boot(settings, settings.ports(Reporter(), boot=True), classes, dry_run=True)
         return boot(args, settings)
     with StoreLock(settings.store):
+        if classes:
+            start_logging(args)
+            repair_at_boot(settings, settings.ports(Reporter(), boot=True), classes)
         return boot(args, settings)
+
+
+def repair_classes(settings: Settings, given: Sequence[str] | None) -> tuple[RepairClass, ...]:
+    """The repairs asked for: ``--repair`` when given (it replaces the policy's), else ``spec.repair.classes``."""
+    if given is None:
+        return tuple(settings.spec.repair.classes)
+    try:
+        return parse_repair_classes(given)
+    except ValueError as e:
+        raise UsageError(f"--repair: {e}") from e
+
+
+def repair_at_boot(
+    settings: Settings, ports: Ports, classes: Sequence[RepairClass], *, dry_run: bool = False
+) -> RepairPlan:
+    """The opt-in repairs, before the boot passes. The caller holds the store's lock and has seen the
+    worker down; it is asked again here, right before anything changes (a worker that started
+    meanwhile holds the DB). ``dry_run``: say what would be done, change nothing."""
+    log = logging.getLogger("reconcile")
+    if not dry_run:
+        no_worker_running(settings)
+    store = ports.store.observe()
+    present = {s.key for s in ports.containerd.observe().snapshots} if RepairClass.POISONED_RESULT in classes else set()
+    if RepairClass.POISONED_RESULT in classes and (why := implausible_poisoning(store, present)):
+        raise StoreSanityError(f"--repair poisoned-result: {why}")
+    repair = plan_repairs(store, present, classes)
+    verb = "would" if dry_run else "will"
+    log.info("repair (%s): %s %s", ", ".join(classes), verb, describe(repair))
+    if dry_run or repair.empty:
+        return repair
+    backup = apply_repairs(settings.store, repair)
+    if backup is not None:
+        log.info("repair done; the DB as it was is in %s", backup)
+    return repair
+
+
+#: ``reconcile check``'s exit codes.
+CHECK_CLEAN, CHECK_FINDINGS = 0, 1
+
+
+def check_mode(settings: Settings) -> tuple[Mode, str]:
+    """Boot semantics when the worker is surely down, daemon semantics otherwise."""
+    sighting = platform.find_worker(settings.worker_names, settings.worker_service)
+    if sighting.answer is platform.WorkerAnswer.NOT_RUNNING:
+        return Mode.BOOT, f"the worker is not running ({sighting.detail}): what it left behind is leftover"
+    return Mode.DAEMON, (
+        f"the worker may be running ({sighting.answer.value}: {sighting.detail}): only what is surely dead is "
+        "reported as leftover; containers, result-tmp/ and cache-tmp/ may be a live build's"
+    )
+
+
+def take_check(ports: Ports, options: PlanOptions, mode: Mode, note: str = "") -> CheckReport:
+    """One read-only look at the store and containerd, classified."""
+    containerd = ports.containerd.observe()
+    store = ports.store.observe()
+    return CheckReport(mode=mode, note=note, findings=classify(store, containerd, options, ports.clock.now(), mode))
+
+
+def run_check(args: Invocation, env: Mapping[str, str]) -> int:
+    """``reconcile check``: read-only, worker up or down; 0 clean, 1 findings."""
+    settings = resolve_settings(args, env)
+    check_store_ready(settings.store)
+    wait = settings.wait_for_containerd.total_seconds()
+    if wait > 0:
+        wait_for_containerd(settings, wait)
+    mode, note = check_mode(settings)
+    report = take_check(settings.ports(Reporter()), settings.plan_options(mode), mode, note)
+    print(render_check_json(report) if args.json else render_check(report))
+    return CHECK_CLEAN if report.clean else CHECK_FINDINGS
+
+
+def render_check_json(report: CheckReport) -> str:
+    body = {
+        "mode": report.mode.value,
+        "note": report.note,
+        "clean": report.clean,
+        "counts": dict(Counter(f.cls.value for f in report.findings)),
+        "findings": [f.model_dump(mode="json", by_alias=True) for f in report.findings],
+    }
+    return json.dumps(body, indent=2)
+
+
+def render_check(report: CheckReport) -> str:
+    lines = [f"check ({report.mode.value} semantics: {report.note})" if report.note else "check"]
+    if report.clean:
+        return "\n".join([*lines, "clean: the store, its DB and containerd agree"])
+    for f in report.findings:
+        lines += [
+            f"{f.severity.value.upper():7} {f.cls.value}: {f.object}",
+            f"        evidence: {f.evidence}",
+            f"        OBuilder: {f.obuilder}",
+            f"        repair:   {f.repair}" + (f" ({f.repair_action})" if f.repair_action else ""),
+        ]
+    counts = Counter(f.severity.value for f in report.findings)
+    lines.append(
+        f"{len(report.findings)} finding(s): "
+        + ", ".join(f"{counts[s.value]} {s.value}" for s in Severity if counts[s.value])
+    )
+    return "\n".join(lines)
 
 
 def boot(
@@ -234,9 +354,7 @@ def run_daemon(args: Invocation, env: Mapping[str, str], settings: Settings) -> 
         return serve(args, env, settings)
 
 
-def serve(
-    args: Invocation, env: Mapping[str, str], settings: Settings, *, stop: threading.Event | None = None
-) -> int:
+def serve(args: Invocation, env: Mapping[str, str], settings: Settings, *, stop: threading.Event | None = None) -> int:
     """The daemon with its endpoints, the store's lock already held. ``stop``: the service's stop
     flag (signals are then the service's business, not the daemon's)."""
     import anyio
@@ -295,6 +413,8 @@ class ServiceSteps:
         check_store_ready(settings.store)
         no_worker_running(settings)
         self.lock = StoreLock(settings.store).__enter__()
+        if settings.spec.repair.classes:
+            repair_at_boot(settings, settings.ports(Reporter(), boot=True), settings.spec.repair.classes)
         args = self.args._replace(once=True, dry_run=False, json=False, force=False)
         return ExitCode(boot(args, settings, console=False, should_stop=stop.is_set))
 

@@ -31,6 +31,8 @@ class Invocation(NamedTuple):
     status_file: str | None = None
     log_format: str = "text"
     log_file: str | None = None
+    #: --repair CLASS[,CLASS] as given (None: not given, the policy's spec.repair.classes apply).
+    repair: tuple[str, ...] | None = None
     # reconcile service
     console: bool = False
     service_name: str = "obuilder-reconcile"

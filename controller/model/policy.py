@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -75,6 +76,16 @@ Duration = Annotated[
     WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN}),
 ]
 Glob = Annotated[str, AfterValidator(check_glob)]
+
+
+class RepairClass(StrEnum):
+    """The opt-in repairs (``--repair CLASS[,CLASS]``, ``spec.repair.classes``), made at boot only; what each
+    does: ``controller.core.check.plan_repairs`` and docs/operating.md."""
+
+    POISONED_RESULT = "poisoned-result"
+    ROW_WITHOUT_RESULT = "row-without-result"
+    RC = "rc"
+    RESULT_WITHOUT_ROW = "result-without-row"
 
 
 class _Model(BaseModel):
@@ -172,6 +183,14 @@ class StatusSpec(_Model):
     """Status JSON rewritten atomically after each pass. Default: `STORE/state/obuilder-reconcile/status.json`."""
 
 
+class RepairSpec(_Model):
+    classes: tuple[RepairClass, ...] = ()
+    """Repairs `--once` (and the service's boot pass) makes before its passes, only when the worker check
+    passes and the store lock is held, after a backup of the DB into `STORE/state/obuilder-reconcile/`:
+    `poisoned-result`, `row-without-result`, `rc`, `result-without-row` (`reconcile check` lists what each
+    would do). `--repair` replaces them. The daemon never repairs."""
+
+
 class ReconcilePolicySpec(_Model):
     store: StoreSpec = StoreSpec()
     """Where the OBuilder store is."""
@@ -191,6 +210,8 @@ class ReconcilePolicySpec(_Model):
     """Prometheus metrics and health endpoints."""
     status: StatusSpec = StatusSpec()
     """The status file."""
+    repair: RepairSpec = RepairSpec()
+    """Opt-in repairs of OBuilder's DB and `result/`, made at boot only."""
 
 
 class Metadata(_Model):
