@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from controller.adapters import platform
+from controller.adapters import platform, sandbox_leaks
 from controller.adapters.ctr import Ctr
 from controller.adapters.db_repair import apply_repairs
 from controller.adapters.lock import StoreLock
@@ -306,6 +306,7 @@ def boot(
     )
     if progress is not None:
         progress.close()
+    clean_leaked_sandboxes(settings, dry_run=args.dry_run)
     first = run.first.plan
     assert first is not None
     if not console:
@@ -323,6 +324,29 @@ def boot(
         # The whole run, over the last pass's report: what a boot script reads.
         write_status(settings.status_path, run.as_status())
     return run.exit_code
+
+
+def clean_leaked_sandboxes(settings: Settings, *, dry_run: bool) -> None:
+    """Boot only (the worker is down): the HCS sandbox folders a crash left in the worker's temp folder,
+    secrets first, and the HCN namespaces they name. Each is a log line; a failure is a warning."""
+    worker = settings.spec.worker
+    if worker.temp_dir is None:
+        return
+    log = logging.getLogger("reconcile")
+    try:
+        leaks = sandbox_leaks.find(Path(worker.temp_dir))
+    except OSError as e:
+        log.warning("cannot look for leaked sandboxes in %s: %s", worker.temp_dir, e)
+        return
+    if dry_run:
+        for leak in leaks:
+            log.info("would remove leaked sandbox %s (namespace %s)", leak.path, leak.namespace or "none")
+        return
+    for result in sandbox_leaks.remove(leaks, hcn_tool=worker.hcn_namespace_tool):
+        if result.ok:
+            log.info("removed leaked sandbox %s", result.path, extra={"object": result.path})
+        else:
+            log.warning("leaked sandbox %s: %s", result.path, "; ".join(result.errors), extra={"object": result.path})
 
 
 class PlanPrinter(Reporter):

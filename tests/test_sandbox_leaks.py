@@ -15,6 +15,9 @@ import pytest
 
 from controller.adapters import platform, sandbox_leaks
 from controller.adapters.sandbox_leaks import LeakedSandbox, find, namespaces_not_owned, remove
+from tests.support.cli import reconcile_on
+from tests.support.containerd import PrivateContainerd
+from tests.support.world import create_store
 
 NS = "1b4d7a52-9a0e-4c1f-8d3b-2f6e0c9a7e11"
 NS2 = "5c2e8b61-0b1f-4d20-9e4c-3a7f1d0b8f22"
@@ -397,3 +400,26 @@ def test_a_listing_we_cannot_read_is_none(tool: FakeTool, listing: str) -> None:
 def test_a_listing_that_fails_is_none(tool: FakeTool, tmp_path: Path) -> None:
     assert namespaces_not_owned(tool.path, set(), list_args=("enumerate",)) is None  # exits 2
     assert namespaces_not_owned(str(tmp_path / "missing"), set(), list_args=("list",)) is None
+
+
+@pytest.mark.containerd
+def test_the_boot_pass_removes_a_leaked_sandbox_with_its_secret_and_deletes_its_namespace(
+    tmp_path: Path, tool: FakeTool, containerd: PrivateContainerd, namespace: str
+) -> None:
+    """`reconcile --once` with spec.worker.tempDir and hcnNamespaceTool set: a crash's sandbox folder
+    (its job's secret inside) is gone after the boot pass, its namespace deleted through the tool."""
+    store = create_store(tmp_path / "store")
+    temp = tmp_path / "worker-temp"
+    leaked = _sandbox(temp, "obuilder-hcs-crash", _config("5eed0000-0000-4000-8000-000000000001"), {0: "token"})
+    other = _sandbox(temp, "someone-else")
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: t}\nspec:\n"
+        f"  worker: {{tempDir: '{temp}', hcnNamespaceTool: '{tool.path}'}}\n"
+    )
+    run = reconcile_on(containerd, namespace, store, "--once", "--policy", str(policy))
+    assert run.code == 0, run.stderr
+    assert not leaked.exists(), "the secret of a crashed run stayed on disk"
+    assert other.is_dir()
+    assert tool.calls() == [["delete", "5eed0000-0000-4000-8000-000000000001"]]
+    assert "removed leaked sandbox" in run.stderr

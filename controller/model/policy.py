@@ -165,6 +165,14 @@ class WorkerSpec(_Model):
     manager's answer then decides: stopped is not running (unless a `processNames` process runs), any other
     state is running, and a query that fails (no such service, access denied) is "cannot tell", which `--once`
     treats as running. Unset, or elsewhere than Windows: the process listing alone decides."""
+    temp_dir: str | None = Field(default=None, min_length=1)
+    """The worker account's temp folder (its `%TEMP%`; for a service, often `C:\\Windows\\Temp`), where
+    OBuilder's HCS sandbox writes each run's `config.json` and the job's secrets (`obuilder-hcs-*`). Set,
+    the boot pass deletes the folders a crash left there, secrets first. Unset: not looked at (ours is
+    not the worker's)."""
+    hcn_namespace_tool: str | None = Field(default=None, min_length=1)
+    """The worker's `--hcs-hcn-namespace-path` tool: the boot pass deletes the HCN namespace a leaked
+    sandbox's `config.json` names with `TOOL delete NS`. Unset: namespaces are only reported."""
 
 
 class MetricsSpec(_Model):
