@@ -17,11 +17,23 @@ from pathlib import Path
 import pytest
 
 from controller.adapters.store import FsStore
-from controller.core.ages import STEP_TOLERANCE, watch_clock
+from controller.core.ages import STEP_TOLERANCE, stamp_of, watch_clock
 from controller.core.passes import PassOptions, one_pass
+from controller.core.planner import plan
 from controller.model.outcome import PassReport
-from controller.model.plan import Mode, PlanOptions
-from controller.model.records import Container, History, LayerInfo, StoreEntry, StoreState, TaskStatus
+from controller.model.plan import Mode, PlanOptions, Rule
+from controller.model.records import (
+    Container,
+    ContainerdState,
+    History,
+    LayerInfo,
+    Observation,
+    Snapshot,
+    StoreEntry,
+    StoreState,
+    TaskStatus,
+    Watch,
+)
 from tests.support.fake import FakeClock, FakeContainerd, FakeStore, fake_ports
 from tests.support.world import create_store
 
@@ -131,9 +143,10 @@ def test_a_live_builds_result_tmp_entry_stays_whatever_the_step_and_goes_once_wa
     clock.step(STALE + HOUR)  # past staleAfter by the wall clock alone
     daemon.look()
     assert [e.id for e in store.state.tmp] == ["b"] and "obuilder-b" in fake.parents
-    # The build writes: new stamps, though a clock set back gave the write an older mtime.
+    # The build writes: new stamps, though a clock set back gave the write an older mtime, so the
+    # newest mtime in the entry (changed_at) did not move.
     clock.advance(STALE - 10)
-    store.state = StoreState(root="/s", tmp=(entry("s2", NOW - timedelta(hours=2)),))
+    store.state = StoreState(root="/s", tmp=(entry("s2", NOW),))
     daemon.look()
     clock.advance(20)
     daemon.look()
@@ -229,3 +242,14 @@ def test_a_write_the_stepped_clock_dated_in_the_past_still_changes_an_entrys_sta
     assert second.changed_at < first.changed_at, "the newest mtime did not move forward: it cannot tell"
     assert second.stamps != first.stamps, "a change the mtime hides was not seen"
     assert {e.id: e for e in FsStore(root).observe().tmp}["b"].stamps == second.stamps, "nothing changed: same stamps"
+
+
+def test_time_watched_under_another_created_counts_for_nothing() -> None:
+    """A snapshot re-created under the same key is another snapshot: a day watched under the old
+    Created is not its age, even where the planner meets the old watch as it is."""
+    created = NOW - timedelta(hours=1)  # past the grace period by its own Created, but never watched
+    snapshot = Snapshot(key="obuilder-x", created=created)
+    history = History(snapshots={"obuilder-x": Watch(stamp=stamp_of(NOW - timedelta(days=2)), since=-86_400)})
+    obs = Observation(store=StoreState(root="/s"), containerd=ContainerdState(snapshots=(snapshot,)), history=history)
+    p = plan(obs, OPTIONS, NOW, Mode.DAEMON)
+    assert p.snapshots == () and p.snapshot_keeps["obuilder-x"][0] is Rule.GRACE
