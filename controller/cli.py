@@ -84,6 +84,12 @@ def _what_to_do(p: argparse.ArgumentParser) -> None:
         help="reconcile once to convergence, then exit (boot mode: the worker is not running)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument(
+        "--plan-out",
+        metavar="FILE",
+        help="with --once --dry-run: write the plan, with the identity of every object it removes, for "
+        "`reconcile apply FILE` to perform exactly",
+    )
     p.add_argument("--json", action="store_true", help="print the plan and summary as JSON on stdout")
     p.add_argument(
         "--force", action="store_true", help="allow --once boot semantics while a worker process appears to be running"
@@ -108,6 +114,36 @@ def _what_to_do(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="give up after N passes that each made progress (policy: spec.limits.maxPasses, default 10)",
     )
+
+
+def build_apply_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="reconcile apply",
+        description="Perform exactly a plan written by `reconcile --once --dry-run --plan-out FILE`: only its "
+        "actions whose object still has the identity it was planned on (a snapshot's Created, a container's "
+        "creation time, an entry's stamps) and that the rules still plan; the rest is left alone and said. "
+        "Boot semantics, as --once: the worker must be down. Refuses a plan made for another store or policy. "
+        "Exit 0: all done; 1: something was left alone or failed.",
+    )
+    p.add_argument("plan_file", metavar="FILE", help="the plan")
+    _where(p)
+    p.add_argument(
+        "--force", action="store_true", help="apply while a worker process appears to be running (as --once --force)"
+    )
+    p.add_argument("--json", action="store_true", help="print what was done and left alone as JSON")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON lines")
+    return p
+
+
+def apply(argv: Sequence[str]) -> int:
+    args = invocation(build_apply_parser().parse_args(argv))
+    from controller.commands import run_apply
+
+    try:
+        return run_apply(args, os.environ)
+    except ReconcileError as e:
+        print(f"reconcile: {e}", file=sys.stderr)
+        return int(exit_code_for(e))
 
 
 def _where(p: argparse.ArgumentParser) -> None:
@@ -300,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_policy(argv[1:])
     if argv[:1] == ["check"]:
         return check(argv[1:])
+    if argv[:1] == ["apply"]:
+        return apply(argv[1:])
     service = argv[:1] == ["service"]
     parsed = (build_service_parser() if service else build_parser()).parse_args(argv[1:] if service else argv)
     args = invocation(parsed)

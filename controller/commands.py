@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from controller import applying
 from controller.adapters import platform, sandbox_leaks
 from controller.adapters.ctr import Ctr
 from controller.adapters.db_repair import apply_repairs
@@ -148,6 +149,8 @@ def no_worker_running(settings: Settings) -> None:
 
 def run(args: Invocation, env: Mapping[str, str]) -> int:
     """``reconcile [flags]``."""
+    if args.plan_out and not (args.once and args.dry_run):
+        raise UsageError("--plan-out goes with --once --dry-run: it writes the plan a dry run shows")
     repair = args.repair
     settings = resolve_settings(args, env)
     check_store_ready(settings.store)
@@ -240,6 +243,21 @@ def take_check(ports: Ports, options: PlanOptions, mode: Mode, note: str = "") -
     return CheckReport(mode=mode, note=note, findings=classify(store, containerd, options, ports.clock.now(), mode))
 
 
+def run_apply(args: Invocation, env: Mapping[str, str]) -> int:
+    """``reconcile apply FILE``: a reviewed plan, performed exactly (controller.applying)."""
+    assert args.plan_file is not None
+    settings = resolve_settings(args, env)
+    check_store_ready(settings.store)
+    planned = applying.read_plan(Path(args.plan_file), settings)
+    start_logging(args)
+    if not args.force:
+        no_worker_running(settings)
+    with StoreLock(settings.store):
+        done, failed, skipped = applying.apply_plan(planned, settings.ports(LogReporter(), boot=True), settings)
+    print(applying.summary_json(done, failed, skipped) if args.json else applying.summary(done, failed, skipped))
+    return int(ExitCode.OK if not failed and not skipped else ExitCode.NOT_CONVERGED)
+
+
 def run_check(args: Invocation, env: Mapping[str, str]) -> int:
     """``reconcile check``: read-only, worker up or down; 0 clean, 1 findings."""
     settings = resolve_settings(args, env)
@@ -298,12 +316,15 @@ def boot(
     options = settings.pass_options(mode, dry_run=args.dry_run)
     if should_stop is not None:
         options = replace(options, should_stop=should_stop)
+    ports = settings.ports(Reporters(*reporters), boot=True)
     run = run_once(
-        settings.ports(Reporters(*reporters), boot=True),
+        ports,
         options,
         max_passes=settings.max_passes,
         before_pass=None if args.force else lambda: no_worker_running(settings),
     )
+    if args.plan_out and run.first.plan is not None and run.first.observation is not None:
+        applying.write_plan(Path(args.plan_out), run.first.plan, run.first.observation, ports, settings)
     if progress is not None:
         progress.close()
     clean_leaked_sandboxes(settings, dry_run=args.dry_run)

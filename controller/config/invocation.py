@@ -31,6 +31,10 @@ class Invocation(NamedTuple):
     status_file: str | None = None
     log_format: str = "text"
     log_file: str | None = None
+    #: --once --dry-run --plan-out FILE: write the plan for ``reconcile apply``.
+    plan_out: str | None = None
+    #: reconcile apply FILE.
+    plan_file: str | None = None
     #: --repair CLASS[,CLASS] as given (None: not given, the policy's spec.repair.classes apply).
     repair: tuple[str, ...] | None = None
     # reconcile service
