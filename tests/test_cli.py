@@ -398,7 +398,13 @@ def test_check_policy_json_prints_the_effective_policy_an_installer_reads(tmp_pa
     from controller.model.policy import TimingSpec, WorkerSpec, format_duration
 
     worker, timing = effective["spec"]["worker"], effective["spec"]["timing"]
-    assert worker == {"processNames": list(WorkerSpec().process_names), "serviceName": "ocluster-worker-1"}
+    defaults = WorkerSpec()
+    assert worker == {
+        "processNames": list(defaults.process_names),
+        "serviceName": "ocluster-worker-1",
+        "tempDir": defaults.temp_dir,
+        "hcnNamespaceTool": defaults.hcn_namespace_tool,
+    }
     assert timing["gracePeriod"] == "2m" and timing["interval"] == format_duration(TimingSpec().interval)
     bad = tmp_path / "bad.yaml"
     bad.write_text(POLICY_HEAD + "spec:\n  worker: {serviceName: ''}\n")
