@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from controller import __version__
@@ -136,11 +136,19 @@ def build_apply_parser() -> argparse.ArgumentParser:
 
 
 def apply(argv: Sequence[str]) -> int:
-    args = invocation(build_apply_parser().parse_args(argv))
-    from controller.commands import run_apply
+    def run(args: Invocation) -> int:
+        from controller.commands import run_apply
 
-    try:
         return run_apply(args, os.environ)
+
+    return _subcommand(build_apply_parser(), argv, run)
+
+
+def _subcommand(parser: argparse.ArgumentParser, argv: Sequence[str], run: Callable[[Invocation], int]) -> int:
+    """A subcommand's flags, then its run (imported only now: `--help` stays fast); our errors as exit codes."""
+    args = invocation(parser.parse_args(argv))
+    try:
+        return run(args)
     except ReconcileError as e:
         print(f"reconcile: {e}", file=sys.stderr)
         return int(exit_code_for(e))
@@ -280,14 +288,12 @@ def build_check_parser() -> argparse.ArgumentParser:
 
 
 def check(argv: Sequence[str]) -> int:
-    args = invocation(build_check_parser().parse_args(argv))
-    from controller.commands import run_check
+    def run(args: Invocation) -> int:
+        from controller.commands import run_check
 
-    try:
         return run_check(args, os.environ)
-    except ReconcileError as e:
-        print(f"reconcile: {e}", file=sys.stderr)
-        return int(exit_code_for(e))
+
+    return _subcommand(build_check_parser(), argv, run)
 
 
 def check_policy(argv: Sequence[str]) -> int:
