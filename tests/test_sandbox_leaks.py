@@ -102,6 +102,8 @@ def _link(link: Path, target: Path) -> None:
     try:
         os.symlink(target, link, target_is_directory=True)
     except OSError as e:  # Windows without the privilege
+        if os.environ.get("CI"):
+            raise
         pytest.skip(f"cannot make a symlink here: {e}")
 
 
@@ -221,6 +223,8 @@ def test_a_config_json_that_is_a_link_is_not_followed(tmp_path: Path) -> None:
     try:
         os.symlink(outside, folder / "config.json")
     except OSError as e:
+        if os.environ.get("CI"):
+            raise
         pytest.skip(f"cannot make a symlink here: {e}")
     (leak,) = find(tmp_path / "temp")
     assert leak.namespace is None and leak.config_error is not None and "not followed" in leak.config_error
