@@ -45,14 +45,6 @@ def is_link(st: os.stat_result) -> bool:
     return bool(getattr(st, "st_file_attributes", 0) & _FILE_ATTRIBUTE_REPARSE_POINT)
 
 
-def unlink_link(path: str) -> None:
-    """Remove a link itself, never what it points to."""
-    if IS_WINDOWS and os.path.isdir(path):
-        os.rmdir(path)  # a directory junction or symlink: rmdir removes the link only
-    else:
-        os.unlink(path)
-
-
 def try_lock(handle: IO[bytes]) -> bool:
     """Take an exclusive, non-blocking lock on an open file; False if someone holds it."""
     if IS_WINDOWS:
