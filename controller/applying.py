@@ -21,6 +21,7 @@ from controller import __version__
 from controller.config.settings import Settings
 from controller.core.apply import restrict
 from controller.core.executor import execute
+from controller.core.identity import Dating
 from controller.core.planner import plan as make_plan
 from controller.core.ports import Ports
 from controller.model.errors import UsageError
@@ -39,7 +40,8 @@ def policy_digest(settings: Settings) -> str:
 def write_plan(path: Path, plan: Plan, observation: Observation, ports: Ports, settings: Settings) -> PlanFile:
     """The plan with the identity of each object it removes (the Created of each snapshot is read)."""
     keys = plan.snapshots
-    created = ports.containerd.snapshot_created(keys) if keys else {}
+    # Key by key where ctr fails for one: a key containerd cannot date is planned undated.
+    created = Dating(ports.containerd).snapshot_created(keys) if keys else {}
     containers = {c.id: c for c in observation.containerd.containers}
     entries = {e.id: e for e in observation.store.tmp}
     planned = PlanFile(
@@ -78,7 +80,7 @@ def apply_plan(planned: PlanFile, ports: Ports, settings: Settings) -> tuple[int
     observation = Observation(store=ports.store.observe(), containerd=ports.containerd.observe())
     now = make_plan(observation, settings.plan_options(Mode.BOOT), datetime.now(UTC), Mode.BOOT)
     keys = [s.key for s in planned.snapshots]
-    created = ports.containerd.snapshot_created(keys) if keys else {}
+    created = Dating(ports.containerd).snapshot_created(keys) if keys else {}
     restricted, skipped = restrict(planned, now, observation, created)
     for s in skipped:
         log.warning("left alone %s %s: %s", s.kind, s.name, s.reason, extra={"kind": s.kind, "object": s.name})
