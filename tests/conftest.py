@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,3 +117,17 @@ def world(containerd: PrivateContainerd, namespace: str, tmp_path: Path) -> Iter
         tasks = containerd.ctr("tasks", "ls", "--quiet", namespace=namespace, check=False).stdout.split()
         if tasks:
             containerd.ctr("tasks", "delete", "--force", "--", *tasks, namespace=namespace, check=False)
+
+
+@pytest.fixture
+def named_worker(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A real process whose executable is named ocluster-worker: busybox picks its applet from
+    argv[0], so it is named as the worker and acts as sleep."""
+    exe = tmp_path / "ocluster-worker"
+    shutil.copy("/bin/busybox", exe)
+    proc = subprocess.Popen(["sleep", "600"], executable=str(exe))
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,22 +98,9 @@ def test_at_boot_an_interrupted_build_with_unreadable_layerinfo_goes_by_its_deri
     assert kept + "-committed" in keys and (world.root / "result" / "rbroken" / "layerinfo").exists()
 
 
-@pytest.fixture
-def fake_worker(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    exe = tmp_path / "ocluster-worker"
-    shutil.copy("/bin/busybox", exe)
-    # busybox picks its applet from argv[0]: name the process as the worker, act as sleep.
-    proc = subprocess.Popen(["sleep", "600"], executable=str(exe))
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.mark.containerd
 def test_once_refuses_while_a_worker_runs_unless_forced(
-    world: World, containerd: PrivateContainerd, namespace: str, fake_worker: subprocess.Popen[bytes]
+    world: World, containerd: PrivateContainerd, namespace: str, named_worker: subprocess.Popen[bytes]
 ) -> None:
     world.leak_container("obuilder-run-1", task="running")
     run = reconcile_on(containerd, namespace, world.root, "--once")

@@ -10,12 +10,10 @@ daemon instead of applying boot semantics.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -48,19 +46,6 @@ def system(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
 @pytest.fixture
 def windows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(platform, "IS_WINDOWS", True)
-
-
-@pytest.fixture
-def named_worker(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A real process whose executable is named ocluster-worker (busybox, acting as sleep)."""
-    exe = tmp_path / "ocluster-worker"
-    shutil.copy("/bin/busybox", exe)
-    proc = subprocess.Popen(["sleep", "600"], executable=str(exe))
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def failing_listing(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
