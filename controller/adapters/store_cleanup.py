@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller.adapters import platform
+from controller.adapters.disk import tree_bytes
 from controller.adapters.lock import STATE_DIR
 from controller.model.errors import UnsafePathError
 from controller.model.outcome import Outcome, Result, TrashLeft
@@ -83,8 +84,9 @@ class StoreCleaner:
     def leftovers(self) -> tuple[TrashLeft, ...]:
         """Try once more to empty the trash; what stays, with its bytes and the error."""
         left = self.empty_trash()
+        paths = {name: str(self.trash / name) for name in left}
         return tuple(
-            TrashLeft(name=name, path=str(self.trash / name), size_bytes=_tree_bytes(self.trash / name), error=error)
+            TrashLeft(name=name, path=paths[name], size_bytes=tree_bytes(paths[name]), error=error)
             for name, error in sorted(left.items())
         )
 
@@ -152,21 +154,3 @@ class StoreCleaner:
         if folder.resolve() != self.root.resolve() / area:
             raise UnsafePathError(f"{folder} leads outside the store {self.root}")
         return folder / name
-
-
-def _tree_bytes(path: Path) -> int | None:
-    """Bytes of the files under ``path``, links not followed; None when it cannot be walked."""
-    total = 0
-    try:
-        for folder, _, files in os.walk(platform.long_path(str(path)), onerror=_raise):
-            for name in files:
-                total += os.lstat(os.path.join(folder, name)).st_size
-        if not os.path.isdir(path):
-            total += os.lstat(path).st_size
-    except OSError:
-        return None
-    return total
-
-
-def _raise(error: OSError) -> None:
-    raise error

@@ -205,14 +205,14 @@ class TrashLeft(Record):
     #: The trash entry's name (``result-tmp-ID-N``, ``cache-tmp-NAME-N``) and where it is.
     name: str
     path: str
-    #: Bytes of the files under it (None: could not be measured).
-    size_bytes: int | None
+    #: Bytes of the files under it (what could be read; a hard-linked file once).
+    size_bytes: int
     error: str
 
     @property
     def stuck(self) -> Stuck:
         kind = Kind.CACHE_TMP if self.name.startswith("cache-tmp-") else Kind.RESULT_TMP
-        size = "an unknown number of" if self.size_bytes is None else f"{self.size_bytes:,}"
+        size = f"{self.size_bytes:,}"
         return Stuck(
             kind=kind,
             name=self.name,
