@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controller.adapters import logs, metrics, status
-from controller.core import passes
+from controller.core import observe, passes, reporting
 from controller.core.passes import PassOptions, one_pass
 from controller.core.ports import Reporters
 from controller.model.plan import Mode, PlanOptions
@@ -92,12 +92,12 @@ class Stages:
 
 STAGES = [
     (FakeContainerd, "observe", "(in-memory containerd's observe: building Snapshot records, as ctr's parse does)"),
-    (passes, "remember", "remember (the daemon's memory of every object)"),
+    (observe, "remember", "remember (the daemon's memory of every object)"),
     (passes, "plan_with_ages", "plan_with_ages (planning, with the drift report)"),
     (passes, "execute", "execute (nothing to remove here)"),
-    (passes, "_report", "_report (the pass report)"),
-    (passes, "backlogs", "backlogs"),
-    (passes, "clock_report", "clock_report"),
+    (passes, "pass_report", "pass_report (the pass report)"),
+    (reporting, "backlogs", "backlogs"),
+    (reporting, "clock_report", "clock_report"),
     (status.StatusFile, "pass_finished", "status file (StatusFile.pass_finished)"),
     (metrics.Metrics, "pass_finished", "metrics (Metrics.pass_finished)"),
     (logs.LogReporter, "pass_finished", "log line (LogReporter.pass_finished)"),
