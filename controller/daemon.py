@@ -54,7 +54,10 @@ class Daemon:
         self.wire = wire
         self.settings = load()
         self.loop = Loop(
-            wire(self.settings, self.reporter), self.settings.pass_options(Mode.DAEMON), self.settings.interval
+            wire(self.settings, self.reporter),
+            self.settings.pass_options(Mode.DAEMON),
+            self.settings.interval,
+            cpu_share=self.settings.spec.limits.pass_cpu_share,
         )
         #: For /healthz: the event loop ticks this every second while it is alive.
         self.heartbeat = time.monotonic()
@@ -128,7 +131,12 @@ class Daemon:
             )
             return
         self.settings = settings
-        self.loop.reconfigure(self.wire(settings, self.reporter), settings.pass_options(Mode.DAEMON), settings.interval)
+        self.loop.reconfigure(
+            self.wire(settings, self.reporter),
+            settings.pass_options(Mode.DAEMON),
+            settings.interval,
+            cpu_share=settings.spec.limits.pass_cpu_share,
+        )
         log.info("policy reloaded (%s)", why)
         self.trigger(f"policy reloaded ({why})")
 

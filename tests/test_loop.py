@@ -54,13 +54,31 @@ def run_virtual(main: Callable[[], Awaitable[None]]) -> None:
     anyio.run(main, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
 
 
+class PassCost:
+    """A process clock on which every pass costs ``seconds`` of CPU (the loop reads it before and after)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.reads = seconds, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return (self.reads // 2) * self.seconds
+
+
 def loop_on(
-    fake: FakeContainerd, *, interval: timedelta = timedelta(hours=1), limit: int | None = None
+    fake: FakeContainerd,
+    *,
+    interval: timedelta = timedelta(hours=1),
+    limit: int | None = None,
+    cpu: PassCost | None = None,
+    share: float = 0.03,
 ) -> tuple[Loop, Recorder]:
     recorder = Recorder()
     ports = Ports(containerd=fake, store=FakeStore(StoreState(root="/s")), reporter=recorder, clock=VirtualClock())
     options = PassOptions(PlanOptions(grace_period=GRACE, max_deletions_per_pass=limit), Mode.DAEMON)
-    return Loop(ports, options, interval, run_sync=inline, rng=random.Random(3)), recorder
+    # Passes that cost no CPU unless a test says: the process's own clock would make pacing random here.
+    cost = cpu or PassCost(0.0)
+    return Loop(ports, options, interval, run_sync=inline, rng=random.Random(3), cpu_share=share, cpu=cost), recorder
 
 
 async def until(loop: Loop, done: Callable[[], bool], *, within: float = 100_000) -> None:
@@ -209,3 +227,58 @@ def test_readiness_follows_the_last_pass() -> None:
     run_virtual(main)
     assert answers[0][0] is True
     assert answers[1] == (False, "the last pass failed: ctr: exit 1: ctr: failed to dial: connection refused")
+
+
+def test_passes_a_busy_store_asks_for_are_spaced_by_what_they_cost_and_no_change_is_lost() -> None:
+    """A change every second, passes that cost 0.6 s of CPU, a budget of 3% of a core: a pass
+    every 20 s, each carrying the changes that came while it was held back."""
+    fake = FakeContainerd()
+    loop, seen = loop_on(fake, interval=timedelta(seconds=5), cpu=PassCost(0.6), share=0.03)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop.run)
+            for n in range(100):
+                await anyio.sleep(1)
+                loop.trigger(f"change {n}")
+            await anyio.sleep(0.5)
+            assert loop.ready()[0], "readiness allows for the spacing"
+            loop.request_stop()
+
+    run_virtual(main)
+    times = [t for t, _ in seen.reports]
+    assert times == pytest.approx([20.0 * n for n in range(len(times))])
+    assert len(times) == 6, "0, 20, ..., 100: 3% of a core is one 0.6 s pass every 20 s"
+    assert [r.trigger for _, r in seen.reports][1:3] == ["change 0", "change 19"]
+
+
+def test_a_pass_that_removed_something_is_followed_at_once_whatever_it_cost() -> None:
+    chain = {f"obuilder-{i}": (f"obuilder-{i - 1}" if i else None) for i in range(4)}
+    fake = FakeContainerd(parents=dict(chain), created=dict.fromkeys(chain, BASE - timedelta(days=1)))
+    loop, seen = loop_on(fake, interval=timedelta(seconds=5), limit=2, cpu=PassCost(3.0), share=0.03)
+    loop.history = watched(fake, 86_400)
+
+    async def main() -> None:
+        await until(loop, lambda: len(seen.reports) >= 4)
+
+    run_virtual(main)
+    assert [r.progress for _, r in seen.reports[:3]] == [2, 2, 0]
+    assert [t for t, _ in seen.reports[:4]] == pytest.approx([0, 0, 0, 100]), "then held 3 s / 3% = 100 s"
+
+
+def test_a_stop_while_a_pass_is_held_back_ends_the_loop_at_once() -> None:
+    loop, seen = loop_on(FakeContainerd(), interval=timedelta(seconds=5), cpu=PassCost(30.0), share=0.03)
+    stopped_at: list[float] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop.run)
+            await anyio.sleep(10)
+            loop.trigger("change")
+            await anyio.sleep(10)
+            loop.request_stop()
+        stopped_at.append(anyio.current_time())
+
+    run_virtual(main)
+    assert len(seen.reports) == 1
+    assert stopped_at == pytest.approx([20.0])

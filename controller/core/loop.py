@@ -8,6 +8,12 @@ a pass coalesce into one more pass. A pass that fails is reported and retried wi
 capped, jittered exponential backoff; the loop goes on. ``request_stop`` lets the
 action under way finish, then the loop returns.
 
+Passes are paced by what they cost (``cpu_share``): after a pass that took ``t`` seconds of
+CPU, the next one that a change or the interval asks for starts no sooner than ``t / share``
+after it, so on a big store beside a busy worker the daemon's share of a core stays bounded
+whatever the store's size. A pass after one that removed something is not held back (its
+work follows what changed), nor is the first.
+
 Ports and the clock come from outside, and so does the way a pass is run (a worker
 thread in the daemon, inline in tests), so the whole loop runs in tests against an
 in-memory world on a virtual clock.
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 import random
 import threading
 import traceback
@@ -38,7 +46,20 @@ from controller.model.records import History
 #: Backoff after a failed pass: 1 s doubling to 2 minutes, each delay jittered down by up to half.
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
 
+#: The share of one core passes may use on average (spec.limits.passCpuShare).
+CPU_SHARE = 0.03
+
 RunSync = Callable[[Callable[[], PassReport]], Awaitable[PassReport]]
+
+log = logging.getLogger("reconcile")
+
+
+def process_cpu() -> float:
+    """CPU seconds of this process and of the children it waited for (the ctr processes a pass
+    runs). Per ``os.times``' documentation, Windows knows only the process's own user and system
+    times (the children's read zero): there, ctr.exe's own CPU is not counted."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def backoff(failures: int, rng: random.Random) -> float:
@@ -60,9 +81,16 @@ class Loop:
         *,
         run_sync: RunSync = in_a_thread,
         rng: random.Random | None = None,
+        cpu_share: float | None = CPU_SHARE,
+        cpu: Callable[[], float] = process_cpu,
     ) -> None:
         self.ports = ports
         self.interval = interval
+        self.cpu_share, self.cpu = cpu_share, cpu
+        #: On the monotonic clock: a paced pass does not start before this; and the spacing it
+        #: stands for (seconds), which readiness allows for.
+        self._free_at = 0.0
+        self.spacing = 0.0
         self.run_sync = run_sync
         self.rng = rng or random.Random()
         #: Read by the executor between actions (from its thread), so the action under way finishes.
@@ -78,11 +106,14 @@ class Loop:
         #: Why the next pass runs, when something asked for it.
         self._why: str | None = "start-up"
 
-    def reconfigure(self, ports: Ports, options: PassOptions, interval: timedelta) -> None:
+    def reconfigure(
+        self, ports: Ports, options: PassOptions, interval: timedelta, *, cpu_share: float | None = CPU_SHARE
+    ) -> None:
         """A reloaded policy: the next pass uses it."""
         self.ports = ports
         self.options = replace(options, mode=Mode.DAEMON, should_stop=self.stopping.is_set)
         self.interval = interval
+        self.cpu_share = cpu_share
 
     def trigger(self, why: str) -> None:
         if self._why is None:  # the first reason since the last pass is the one told
@@ -104,12 +135,12 @@ class Loop:
         while not self.stopping.is_set():
             with anyio.move_on_after(next_in):
                 await self._wake.wait()
-            if self.stopping.is_set():
+            if self.stopping.is_set() or not await self._paced():
                 return
             why, self._why = self._why or "resync interval or requeue", None
             self._wake = anyio.Event()  # triggers from now on ask for one more pass
             self.passes += 1
-            started = self.ports.clock.now()
+            started, began, cpu = self.ports.clock.now(), self.ports.clock.monotonic(), self.cpu()
             try:
                 report = await self.run_sync(functools.partial(self._pass, why))
             except Exception as e:
@@ -120,10 +151,43 @@ class Loop:
             failures = 0
             self.history = report.history or self.history
             self.last, self._last_at = report, self.ports.clock.monotonic()
+            self._pace(report, began, self.cpu() - cpu)
             next_in = self._next_in(report)
 
     def _pass(self, why: str) -> PassReport:
         return one_pass(self.ports, self.options, self.history, self.passes, why=why)
+
+    def _pace(self, report: PassReport, began: float, cpu: float) -> None:
+        """When the next pass may start: a pass that removed something is followed at once."""
+        spacing = 0.0 if self.cpu_share is None or report.progress else max(cpu, 0.0) / self.cpu_share
+        interval = self.interval.total_seconds()
+        if (spacing > interval) != (self.spacing > interval):
+            if spacing > interval:
+                log.info(
+                    "passes spaced to %.0fs, beyond the %gs interval: a pass took %.2fs of CPU and the budget is "
+                    "%g of a core (spec.limits.passCpuShare)",
+                    spacing, interval, cpu, self.cpu_share,
+                )
+            else:
+                log.info("passes back at the %gs interval (a pass took %.2fs of CPU)", interval, cpu)
+        self.spacing, self._free_at = spacing, began + spacing
+
+    async def _paced(self) -> bool:
+        """Waits until the CPU budget allows the next pass; triggers meanwhile join it. False: stop."""
+        while (left := self._free_at - self.ports.clock.monotonic()) > 0:
+            with anyio.move_on_after(left):
+                await self._wake_or_stop()
+            if self.stopping.is_set():
+                return False
+        return not self.stopping.is_set()
+
+    async def _wake_or_stop(self) -> None:
+        while True:
+            assert self._wake is not None
+            await self._wake.wait()
+            if self.stopping.is_set():
+                return
+            self._wake = anyio.Event()  # a trigger while held: it rides on the pass to come
 
     def _next_in(self, report: PassReport) -> float:
         interval = self.interval.total_seconds()
@@ -160,7 +224,7 @@ class Loop:
         if last.outcome != "success":
             return False, f"the last pass failed: {last.error}"
         age = self.ports.clock.monotonic() - self._last_at
-        limit = 2 * self.interval.total_seconds()
+        limit = 2 * max(self.interval.total_seconds(), self.spacing)
         if age > limit:
             return False, f"the last successful pass ended {age:.0f} s ago (limit {limit:.0f} s)"
         return True, f"ready: last pass {age:.0f} s ago"

@@ -154,6 +154,11 @@ class LimitsSpec(_Model):
     """Daemon: at most this many snapshot removals per pass (leaves first); the rest waits."""
     parallelism: int = Field(default=4, ge=1, le=64)
     """ctr processes at once: for one level of snapshot removals, and for reading containers."""
+    pass_cpu_share: float = Field(default=0.03, gt=0, le=1)
+    """Daemon: the share of one core passes may use on average (the daemon's own CPU and its ctr
+    processes'). After a pass that took `t` seconds of CPU, the next one a change or the interval asks
+    for starts no sooner than `t / passCpuShare` after it; a pass after one that removed something is
+    not held back. On a big store beside a busy worker this spaces passes beyond `interval`."""
 
 
 class WorkerSpec(_Model):
