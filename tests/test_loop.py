@@ -15,7 +15,7 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from controller.core.loop import Loop, backoff
+from controller.core.loop import PACE_CAP, Loop, backoff
 from controller.core.passes import PassOptions
 from controller.core.ports import Ports, Reporter
 from controller.model.errors import CtrError
@@ -247,9 +247,10 @@ def test_passes_a_busy_store_asks_for_are_spaced_by_what_they_cost_and_no_change
 
     run_virtual(main)
     times = [t for t, _ in seen.reports]
-    assert times == pytest.approx([20.0 * n for n in range(len(times))])
-    assert len(times) == 6, "0, 20, ..., 100: 3% of a core is one 0.6 s pass every 20 s"
-    assert [r.trigger for _, r in seen.reports][1:3] == ["change 0", "change 19"]
+    # The first pass (a cold cache) holds nothing back; from the second on, one every 20 s.
+    assert times == pytest.approx([0.0, 1.0, *(1.0 + 20.0 * n for n in range(1, len(times) - 1))])
+    assert len(times) == 6, "0, 1, 21, ..., 81: 3% of a core is one 0.6 s pass every 20 s"
+    assert [r.trigger for _, r in seen.reports][1:3] == ["change 0", "change 1"]
 
 
 def test_a_pass_that_removed_something_is_followed_at_once_whatever_it_cost() -> None:
@@ -266,6 +267,16 @@ def test_a_pass_that_removed_something_is_followed_at_once_whatever_it_cost() ->
     assert [t for t, _ in seen.reports[:4]] == pytest.approx([0, 0, 0, 100]), "then held 3 s / 3% = 100 s"
 
 
+def test_one_costly_pass_holds_the_next_back_no_longer_than_the_cap() -> None:
+    loop, seen = loop_on(FakeContainerd(), interval=timedelta(seconds=5), cpu=PassCost(60.0), share=0.03)
+
+    async def main() -> None:
+        await until(loop, lambda: len(seen.reports) >= 4)
+
+    run_virtual(main)
+    assert [t for t, _ in seen.reports[:4]] == pytest.approx([0, 5, 5 + PACE_CAP, 5 + 2 * PACE_CAP])
+
+
 def test_a_stop_while_a_pass_is_held_back_ends_the_loop_at_once() -> None:
     loop, seen = loop_on(FakeContainerd(), interval=timedelta(seconds=5), cpu=PassCost(30.0), share=0.03)
     stopped_at: list[float] = []
@@ -280,5 +291,5 @@ def test_a_stop_while_a_pass_is_held_back_ends_the_loop_at_once() -> None:
         stopped_at.append(anyio.current_time())
 
     run_virtual(main)
-    assert len(seen.reports) == 1
+    assert [t for t, _ in seen.reports] == [0, 5], "the second pass (at the interval) costs 30 s: the third waits"
     assert stopped_at == pytest.approx([20.0])

@@ -12,7 +12,9 @@ Passes are paced by what they cost (``cpu_share``): after a pass that took ``t``
 CPU, the next one that a change or the interval asks for starts no sooner than ``t / share``
 after it, so on a big store beside a busy worker the daemon's share of a core stays bounded
 whatever the store's size. A pass after one that removed something is not held back (its
-work follows what changed), nor is the first.
+work follows what changed), nor is the second (the first reads a cold cache: its cost says
+nothing of the next), and no pass is held more than :data:`PACE_CAP` (one costly full read
+must not leave the loop deaf for long).
 
 Ports and the clock come from outside, and so does the way a pass is run (a worker
 thread in the daemon, inline in tests), so the whole loop runs in tests against an
@@ -48,6 +50,8 @@ BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
 
 #: The share of one core passes may use on average (spec.limits.passCpuShare).
 CPU_SHARE = 0.03
+#: The longest a pass is held back by the budget (seconds).
+PACE_CAP = 120.0
 
 RunSync = Callable[[Callable[[], PassReport]], Awaitable[PassReport]]
 
@@ -159,7 +163,8 @@ class Loop:
 
     def _pace(self, report: PassReport, began: float, cpu: float) -> None:
         """When the next pass may start: a pass that removed something is followed at once."""
-        spacing = 0.0 if self.cpu_share is None or report.progress else max(cpu, 0.0) / self.cpu_share
+        held = self.cpu_share is not None and not report.progress and self.passes > 1
+        spacing = min(max(cpu, 0.0) / self.cpu_share, PACE_CAP) if held and self.cpu_share else 0.0
         interval = self.interval.total_seconds()
         if (spacing > interval) != (self.spacing > interval):
             if spacing > interval:
