@@ -230,8 +230,8 @@ def test_readiness_follows_the_last_pass() -> None:
 
 
 def test_passes_a_busy_store_asks_for_are_spaced_by_what_they_cost_and_no_change_is_lost() -> None:
-    """A change every second, passes that cost 0.6 s of CPU, a budget of 3% of a core: a pass
-    every 20 s, each carrying the changes that came while it was held back."""
+    """A change every second, passes that cost 0.6 s of CPU, a budget of 3% of a core: past the
+    burst, a pass every 20 s, each carrying the changes that came while it was held back."""
     fake = FakeContainerd()
     loop, seen = loop_on(fake, interval=timedelta(seconds=5), cpu=PassCost(0.6), share=0.03)
 
@@ -247,10 +247,12 @@ def test_passes_a_busy_store_asks_for_are_spaced_by_what_they_cost_and_no_change
 
     run_virtual(main)
     times = [t for t, _ in seen.reports]
-    # The first pass (a cold cache) holds nothing back; from the second on, one every 20 s.
-    assert times == pytest.approx([0.0, 1.0, *(1.0 + 20.0 * n for n in range(1, len(times) - 1))])
-    assert len(times) == 6, "0, 1, 21, ..., 81: 3% of a core is one 0.6 s pass every 20 s"
-    assert [r.trigger for _, r in seen.reports][1:3] == ["change 0", "change 1"]
+    # The first pass (a cold cache) spends nothing; the second at the first change takes the 0.5 s
+    # burst and 0.1 s more, which 3% of a core gives back in 3.3 s; from then on one every 20 s.
+    held = 1.0 + 0.1 / 0.03
+    assert times == pytest.approx([0.0, 1.0, *(held + 20.0 * n for n in range(len(times) - 2))])
+    assert len(times) == 7
+    assert [r.trigger for _, r in seen.reports][1:4] == ["change 0", "change 1", "change 4"]
 
 
 def test_a_pass_that_removed_something_is_followed_at_once_whatever_it_cost() -> None:
@@ -264,7 +266,8 @@ def test_a_pass_that_removed_something_is_followed_at_once_whatever_it_cost() ->
 
     run_virtual(main)
     assert [r.progress for _, r in seen.reports[:3]] == [2, 2, 0]
-    assert [t for t, _ in seen.reports[:4]] == pytest.approx([0, 0, 0, 100]), "then held 3 s / 3% = 100 s"
+    # The second and third passes spent 6 s against a 0.5 s burst: the fourth waits, as long as the cap.
+    assert [t for t, _ in seen.reports[:4]] == pytest.approx([0, 0, 0, PACE_CAP])
 
 
 def test_one_costly_pass_holds_the_next_back_no_longer_than_the_cap() -> None:
@@ -293,3 +296,19 @@ def test_a_stop_while_a_pass_is_held_back_ends_the_loop_at_once() -> None:
     run_virtual(main)
     assert [t for t, _ in seen.reports] == [0, 5], "the second pass (at the interval) costs 30 s: the third waits"
     assert stopped_at == pytest.approx([20.0])
+
+
+def test_cheap_passes_on_a_small_store_follow_every_change_at_once() -> None:
+    loop, seen = loop_on(FakeContainerd(), interval=timedelta(seconds=5), cpu=PassCost(0.02), share=0.03)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop.run)
+            for n in range(120):
+                await anyio.sleep(1)
+                loop.trigger(f"change {n}")
+            await anyio.sleep(0.5)
+            loop.request_stop()
+
+    run_virtual(main)
+    assert [t for t, _ in seen.reports] == pytest.approx([float(n) for n in range(121)]), "none held back"

@@ -8,17 +8,11 @@ a pass coalesce into one more pass. A pass that fails is reported and retried wi
 capped, jittered exponential backoff; the loop goes on. ``request_stop`` lets the
 action under way finish, then the loop returns.
 
-Passes are paced by what they cost (``cpu_share``): after a pass that took ``t`` seconds of
-CPU, the next one that a change or the interval asks for starts no sooner than ``t / share``
-after it, so on a big store beside a busy worker the daemon's share of a core stays bounded
-whatever the store's size. A pass after one that removed something is not held back (its
-work follows what changed), nor is the second (the first reads a cold cache: its cost says
-nothing of the next), and no pass is held more than :data:`PACE_CAP` (one costly full read
-must not leave the loop deaf for long).
-
-Ports and the clock come from outside, and so does the way a pass is run (a worker
-thread in the daemon, inline in tests), so the whole loop runs in tests against an
-in-memory world on a virtual clock.
+Passes are paced by what they cost (:class:`CpuBudget`, ``cpu_share``): passes spend CPU
+seconds from a bucket that refills at ``cpu_share`` of a core, so on a big store beside a busy
+worker the daemon's share of a core stays bounded whatever the store's size, while on a small one
+a pass still follows each change at once. A pass after one that removed something is not held
+back (its work follows what changed); the first pass, which reads a cold cache, spends nothing.
 """
 
 from __future__ import annotations
@@ -50,12 +44,41 @@ BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
 
 #: The share of one core passes may use on average (spec.limits.passCpuShare).
 CPU_SHARE = 0.03
-#: The longest a pass is held back by the budget (seconds).
+#: CPU seconds passes may spend at once before the budget holds them back.
+BURST = 0.5
+#: The longest a pass is held back by the budget (seconds): one costly full read must not leave
+#: the loop deaf for long.
 PACE_CAP = 120.0
 
 RunSync = Callable[[Callable[[], PassReport]], Awaitable[PassReport]]
 
 log = logging.getLogger("reconcile")
+
+
+class CpuBudget:
+    """A token bucket of CPU seconds: client-go's BucketRateLimiter (a burst, refilled at a steady
+    rate), counted in seconds of CPU that passes took rather than in requests. ``share`` None: no
+    budget."""
+
+    def __init__(self, share: float | None, burst: float = BURST) -> None:
+        self.share, self.burst = share, burst
+        self.tokens = burst
+        self._at: float | None = None
+
+    def spend(self, cpu: float, now: float) -> None:
+        self._refill(now)
+        if self.share:
+            self.tokens = max(self.tokens - max(cpu, 0.0), -self.share * PACE_CAP)
+
+    def wait(self, now: float) -> float:
+        """Seconds until a pass may start (0: now)."""
+        self._refill(now)
+        return max(0.0, -self.tokens / self.share) if self.share else 0.0
+
+    def _refill(self, now: float) -> None:
+        if self._at is not None and self.share:
+            self.tokens = min(self.burst, self.tokens + (now - self._at) * self.share)
+        self._at = now
 
 
 def process_cpu() -> float:
@@ -90,10 +113,10 @@ class Loop:
     ) -> None:
         self.ports = ports
         self.interval = interval
-        self.cpu_share, self.cpu = cpu_share, cpu
-        #: On the monotonic clock: a paced pass does not start before this; and the spacing it
-        #: stands for (seconds), which readiness allows for.
-        self._free_at = 0.0
+        self.budget, self.cpu = CpuBudget(cpu_share), cpu
+        #: Whether the next pass waits for the budget (not after one that removed something), and
+        #: how long it would wait after the last pass: readiness allows for it.
+        self._held = True
         self.spacing = 0.0
         self.run_sync = run_sync
         self.rng = rng or random.Random()
@@ -117,7 +140,7 @@ class Loop:
         self.ports = ports
         self.options = replace(options, mode=Mode.DAEMON, should_stop=self.stopping.is_set)
         self.interval = interval
-        self.cpu_share = cpu_share
+        self.budget.share = cpu_share
 
     def trigger(self, why: str) -> None:
         if self._why is None:  # the first reason since the last pass is the one told
@@ -144,7 +167,7 @@ class Loop:
             why, self._why = self._why or "resync interval or requeue", None
             self._wake = anyio.Event()  # triggers from now on ask for one more pass
             self.passes += 1
-            started, began, cpu = self.ports.clock.now(), self.ports.clock.monotonic(), self.cpu()
+            started, cpu = self.ports.clock.now(), self.cpu()
             try:
                 report = await self.run_sync(functools.partial(self._pass, why))
             except Exception as e:
@@ -155,31 +178,32 @@ class Loop:
             failures = 0
             self.history = report.history or self.history
             self.last, self._last_at = report, self.ports.clock.monotonic()
-            self._pace(report, began, self.cpu() - cpu)
+            self._pace(report, self.cpu() - cpu)
             next_in = self._next_in(report)
 
     def _pass(self, why: str) -> PassReport:
         return one_pass(self.ports, self.options, self.history, self.passes, why=why)
 
-    def _pace(self, report: PassReport, began: float, cpu: float) -> None:
-        """When the next pass may start: a pass that removed something is followed at once."""
-        held = self.cpu_share is not None and not report.progress and self.passes > 1
-        spacing = min(max(cpu, 0.0) / self.cpu_share, PACE_CAP) if held and self.cpu_share else 0.0
-        interval = self.interval.total_seconds()
+    def _pace(self, report: PassReport, cpu: float) -> None:
+        now = self.ports.clock.monotonic()
+        if self.passes > 1:
+            self.budget.spend(cpu, now)
+        self._held = not report.progress
+        spacing, interval = self.budget.wait(now), self.interval.total_seconds()
         if (spacing > interval) != (self.spacing > interval):
             if spacing > interval:
                 log.info(
-                    "passes spaced to %.0fs, beyond the %gs interval: a pass took %.2fs of CPU and the budget is "
+                    "passes held back %.0fs, beyond the %gs interval: a pass took %.2fs of CPU and the budget is "
                     "%g of a core (spec.limits.passCpuShare)",
-                    spacing, interval, cpu, self.cpu_share,
+                    spacing, interval, cpu, self.budget.share,
                 )
             else:
-                log.info("passes back at the %gs interval (a pass took %.2fs of CPU)", interval, cpu)
-        self.spacing, self._free_at = spacing, began + spacing
+                log.info("passes back within the %gs interval (a pass took %.2fs of CPU)", interval, cpu)
+        self.spacing = spacing
 
     async def _paced(self) -> bool:
         """Waits until the CPU budget allows the next pass; triggers meanwhile join it. False: stop."""
-        while (left := self._free_at - self.ports.clock.monotonic()) > 0:
+        while self._held and (left := self.budget.wait(self.ports.clock.monotonic())) > 0:
             with anyio.move_on_after(left):
                 await self._wake_or_stop()
             if self.stopping.is_set():

@@ -156,9 +156,10 @@ class LimitsSpec(_Model):
     """ctr processes at once: for one level of snapshot removals, and for reading containers."""
     pass_cpu_share: float = Field(default=0.03, gt=0, le=1)
     """Daemon: the share of one core passes may use on average (the daemon's own CPU and its ctr
-    processes'). After a pass that took `t` seconds of CPU, the next one a change or the interval asks
-    for starts no sooner than `t / passCpuShare` after it; a pass after one that removed something is
-    not held back. On a big store beside a busy worker this spaces passes beyond `interval`."""
+    processes'). Passes spend CPU seconds from a bucket of 0.5 s refilled at this share: once it is
+    spent, a pass a change or the interval asks for waits until it refills (at most 2 minutes); a
+    pass after one that removed something does not wait. On a big store beside a busy worker this
+    spaces passes beyond `interval`."""
 
 
 class WorkerSpec(_Model):
