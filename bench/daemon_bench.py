@@ -158,9 +158,9 @@ def busy_cpu(
     store: BusyStore | None = None,
     tag: str = "",
     verify_share: float | None = None,
-) -> tuple[float, float]:
-    """The daemon's CPU share beside a worker whose builds start or end every 2 s: its own, and
-    with the ctr processes it ran."""
+) -> tuple[float, float, int]:
+    """The daemon's CPU share beside a worker whose builds start or end every 2 s: its own, with
+    the ctr processes it ran, and how many passes ran meanwhile."""
     if store is None:
         store = BusyStore(cd, work, results, 1)
     world, ns = store.world, store.ns
@@ -178,7 +178,7 @@ def busy_cpu(
         daemon = SharedVerifyDaemon(cd, world.root, policy, log, verify_share)
     try:
         daemon.wait_for(r"INFO pass 1 ", timeout=600)
-        (own0, kids0), t0 = process_cpu(daemon.proc.pid), time.monotonic()
+        (own0, kids0), t0, wall0 = process_cpu(daemon.proc.pid), time.monotonic(), time.time()
         n = 0
         while time.monotonic() - t0 < seconds:
             name = f"busy{tag}{n // 2}"
@@ -192,7 +192,8 @@ def busy_cpu(
             time.sleep(2)
         own1, kids1 = process_cpu(daemon.proc.pid)
         took = time.monotonic() - t0
-        return (own1 - own0) / took, (own1 - own0 + kids1 - kids0) / took
+        passes = sum(1 for _, start, _ in pass_starts(daemon.text()) if start >= wall0)
+        return (own1 - own0) / took, (own1 - own0 + kids1 - kids0) / took, passes
     finally:
         daemon.stop()
 
@@ -200,11 +201,14 @@ def busy_cpu(
 def busy_rows(args: argparse.Namespace, cd: PrivateContainerd, work: Path) -> bool:
     """Beside a busy worker: an empty store (the baseline), then the big store at each drift."""
     vshare = args.verify_share
-    empty, empty_all = busy_cpu(cd, work / "busy-empty", 0, args.busy, interval=args.interval, verify_share=vshare)
+    empty, empty_all, empty_passes = busy_cpu(
+        cd, work / "busy-empty", 0, args.busy, interval=args.interval, verify_share=vshare
+    )
     print(
         f"beside a busy worker (a build starting or ending every 2 s), interval {args.interval}, {args.busy:g} s each"
         f"{'' if vshare is None else f', verify_share {vshare:g}'}; "
-        f"empty store {empty * 100:.2f}% of one core ({empty_all * 100:.2f}% with its ctr processes; baseline)"
+        f"empty store {empty * 100:.2f}% of one core ({empty_all * 100:.2f}% with its ctr processes; "
+        f"{empty_passes} passes; baseline)"
     )
     drifts = sorted(args.drift.split(","), key=lambda d: DRIFTS[d])
     big = BusyStore(cd, work / "busy-big", args.big, args.ctr_jobs)
@@ -212,7 +216,7 @@ def busy_rows(args: argparse.Namespace, cd: PrivateContainerd, work: Path) -> bo
     ok = True
     for drift in drifts:
         made = big.snapshots_for(DRIFTS[drift])
-        share, share_all = busy_cpu(
+        share, share_all, passes = busy_cpu(
             cd, big.work, args.big, args.busy, interval=args.interval, store=big, tag=drift, verify_share=vshare
         )
         missing = args.big - big.with_snapshot
@@ -220,8 +224,8 @@ def busy_rows(args: argparse.Namespace, cd: PrivateContainerd, work: Path) -> bo
         print(
             f"  {args.big} results, {missing} of their snapshots missing (drift {drift}; {big.with_snapshot} "
             f"snapshots, made in {made:.0f} s): {share * 100:.2f}% of one core "
-            f"(x{share / empty if empty else float('inf'):.2f}), {share_all * 100:.2f}% with its ctr processes; "
-            f"target < {target * 100:g}%"
+            f"(x{share / empty if empty else float('inf'):.2f}), {share_all * 100:.2f}% with its ctr processes, "
+            f"{passes} passes; target < {target * 100:g}%"
         )
         ok = ok and share < target
     return ok
