@@ -60,6 +60,8 @@ class Ctr:
     calls: int = 0
     _argv0: list[str] = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    #: The last snapshot listing read, whose records the next one reuses row by row.
+    _snapshot_listing: SnapshotListing | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -159,7 +161,16 @@ class Ctr:
     # -- observing -----------------------------------------------------------------
 
     def snapshots(self) -> tuple[Snapshot, ...]:
-        return parse_snapshots(self.output(["snapshots", "--snapshotter", self.settings.snapshotter, "ls"]))
+        """The snapshotter's snapshots; a row printed as last time is last time's record.
+
+        At 50,000 snapshots, validating a pydantic record per row at every pass costs more than
+        the rest of the parse. Threads may list at once: each reads the published listing once
+        and publishes a new one, never changing one it has published, so a thread sees a whole
+        listing; when two race, either one kept is a right cache for the next."""
+        text = self.output(["snapshots", "--snapshotter", self.settings.snapshotter, "ls"])
+        listing = read_snapshots(text, self._snapshot_listing)
+        self._snapshot_listing = listing
+        return listing.snapshots
 
     def container_ids(self) -> tuple[str, ...]:
         out = self.output(["containers", "ls", "--quiet"])
@@ -291,45 +302,88 @@ def parse_table(text: str) -> list[dict[str, str]]:
     Cells are cut at the header's column starts, not split on blanks: a key may
     hold spaces and an empty cell is only padding.
     """
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = _lines(text)
     if not lines:
         return []
-    header = lines[0]
-    columns = [(m.group(), m.start()) for m in re.finditer(r"\S+", header)]
-    rows = []
-    for line in lines[1:]:
-        row = {}
-        for i, (name, start) in enumerate(columns):
-            end = columns[i + 1][1] if i + 1 < len(columns) else None
-            # tabwriter pads with at least one blank, so the last char of a cell's
-            # slot is padding; strip only trailing blanks, keep inner spaces.
-            row[name] = line[start:end].rstrip(" ")
-        rows.append(row)
-    return rows
+    columns = _columns(lines[0])
+    return [_cells(line, columns) for line in lines[1:]]
+
+
+def _lines(text: str) -> list[str]:
+    # isspace() is strip()'s notion of blank without building a stripped copy of each line.
+    return [line for line in text.splitlines() if line and not line.isspace()]
+
+
+def _columns(header: str) -> list[tuple[str, int, int | None]]:
+    """Each column's name and the slice of a row that is its cell."""
+    starts = [(m.group(), m.start()) for m in re.finditer(r"\S+", header)]
+    return [(name, start, starts[i + 1][1] if i + 1 < len(starts) else None) for i, (name, start) in enumerate(starts)]
+
+
+def _cells(line: str, columns: list[tuple[str, int, int | None]]) -> dict[str, str]:
+    # tabwriter pads with at least one blank, so the last char of a cell's
+    # slot is padding; strip only trailing blanks, keep inner spaces.
+    return {name: line[start:end].rstrip(" ") for name, start, end in columns}
 
 
 #: The kinds ``ctr snapshots ls`` prints (containerd's snapshots.Kind).
 SNAPSHOT_KINDS = frozenset({"View", "Active", "Committed", "Unknown"})
 
 
+@dataclass(frozen=True)
+class SnapshotListing:
+    """One ``ctr snapshots ls`` as printed and as read. The text, not a dict of its rows, is what
+    is kept: one string, and a listing printed as last time is known by one comparison."""
+
+    text: str
+    snapshots: tuple[Snapshot, ...]
+
+    def by_row(self, header: str) -> dict[str, Snapshot]:
+        """Each record by its row as printed, if printed under ``header``: the header's column
+        positions decide how a row is cut, so under another header a row may be other cells."""
+        lines = _lines(self.text)
+        if not lines or lines[0] != header:
+            return {}
+        return dict(zip(lines[1:], self.snapshots, strict=True))
+
+
 def parse_snapshots(text: str) -> tuple[Snapshot, ...]:
     """``ctr snapshots ls`` as records. A row that does not fit the table (no KIND ctr prints: a key
     holding a newline splits its row in two) is a :class:`CtrError` naming it: the listing cannot be
     trusted, and a misread one would hide a child from its parent."""
-    rows = parse_table(text)
-    if rows and not {"KEY", "PARENT", "KIND"} <= rows[0].keys():
+    return read_snapshots(text).snapshots
+
+
+def read_snapshots(text: str, known: SnapshotListing | None = None) -> SnapshotListing:
+    """:func:`parse_snapshots`, reusing what ``known`` (the last listing) read: its very listing
+    when ctr printed the same, else its record of each row printed as it was then. Only the
+    rows of the listing read are kept, so this does not grow."""
+    if known is not None and text == known.text:
+        return known
+    lines = _lines(text)
+    if len(lines) < 2:
+        return SnapshotListing(text=text, snapshots=())
+    header = lines[0]
+    columns = _columns(header)
+    if not {"KEY", "PARENT", "KIND"} <= {name for name, _, _ in columns}:
         raise CtrError(["ctr", "snapshots", "ls"], 0, f"unexpected header: {text.splitlines()[0][:200]!r}")
+    last = known.by_row(header) if known is not None else {}
     out = []
-    for n, r in enumerate(rows, start=2):
-        if r["KIND"] not in SNAPSHOT_KINDS or not r["KEY"]:
-            raise CtrError(
-                ["ctr", "snapshots", "ls"],
-                0,
-                f"line {n} does not fit the table (a key holding a newline or a tab?), so the listing "
-                f"cannot be trusted: {r!r:.200}",
-            )
-        out.append(Snapshot(key=r["KEY"], parent=r["PARENT"] or None, kind=r["KIND"]))
-    return tuple(out)
+    for n, line in enumerate(lines[1:], start=2):
+        snapshot = last.get(line)
+        out.append(_snapshot_row(_cells(line, columns), n) if snapshot is None else snapshot)
+    return SnapshotListing(text=text, snapshots=tuple(out))
+
+
+def _snapshot_row(r: dict[str, str], n: int) -> Snapshot:
+    if r["KIND"] not in SNAPSHOT_KINDS or not r["KEY"]:
+        raise CtrError(
+            ["ctr", "snapshots", "ls"],
+            0,
+            f"line {n} does not fit the table (a key holding a newline or a tab?), so the listing "
+            f"cannot be trusted: {r!r:.200}",
+        )
+    return Snapshot(key=r["KEY"], parent=r["PARENT"] or None, kind=r["KIND"])
 
 
 def _aware(text: object) -> datetime:
