@@ -12,6 +12,7 @@ on Windows fail here the same way: the code under test is the real one.
 from __future__ import annotations
 
 import errno
+import json
 import ntpath
 import os
 import stat
@@ -26,7 +27,7 @@ from controller.adapters import platform
 from controller.adapters.status import read_status, write_status
 from controller.adapters.store_cleanup import TRASH_DIR, StoreCleaner
 from controller.model.outcome import Outcome, PassReport
-from controller.model.plan import Mode
+from controller.model.plan import Mode, StoreDrift
 from tests.support.world import create_store
 
 
@@ -433,6 +434,34 @@ def test_the_status_file_gives_up_after_the_backoff_and_leaves_no_sibling(tmp_pa
         write_status(path, report)
     assert len(ntfs.refused) == len(platform.SHARING_BACKOFF) + 1
     assert [p.name for p in path.parent.iterdir()] == ["status.json"]
+
+
+def test_a_status_file_names_a_hundred_missing_results_and_counts_them_all(tmp_path: Path) -> None:
+    # 50,000 results whose snapshots are gone made a 3.7 MB file, encoded after every pass.
+    missing = tuple(f"{i:064x}" for i in range(50_000))
+    drift = {"results_missing_snapshot": 50_000, "db_rows_without_result": 1, "results_without_row": 0}
+    report = _report().model_copy(
+        update={"drift": drift, "store_drift": StoreDrift(results_missing_snapshot=missing, rows_without_result=("7",))}
+    )
+    path = tmp_path / "state" / "status.json"
+    write_status(path, report)
+    assert path.stat().st_size < 20_000
+    written = json.loads(path.read_text())["store_drift"]
+    assert written["results_missing_snapshot"] == list(missing[:100])
+    assert written["results_missing_snapshot_total"] == 50_000
+    assert (written["rows_without_result"], written["rows_without_result_total"]) == (["7"], 1)
+    assert (written["results_without_row"], written["results_without_row_total"]) == ([], 0)
+    back = read_status(path)
+    assert back.drift == drift
+    assert back.store_drift == StoreDrift(results_missing_snapshot=missing[:100], rows_without_result=("7",))
+    assert back.model_copy(update={"store_drift": report.store_drift}) == report
+
+
+def test_a_status_file_written_before_the_cap_still_reads(tmp_path: Path) -> None:
+    report = _report().model_copy(update={"store_drift": StoreDrift(results_missing_snapshot=("a", "b"))})
+    path = tmp_path / "status.json"
+    path.write_text(report.model_dump_json(indent=2))
+    assert read_status(path) == report
 
 
 def test_the_store_reads_layerinfo_files_shared(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
