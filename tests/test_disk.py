@@ -18,6 +18,8 @@ import pytest
 
 from controller.adapters.ctr import Ctr, CtrSettings
 from controller.adapters.disk import (
+    CLAIM_PROBES,
+    FOLDER_PROBES,
     DiskObserver,
     ReclaimLedger,
     layer_ids,
@@ -153,6 +155,77 @@ def test_windows_rm_and_unclaimed_folders_are_named_with_their_bytes(tmp_path: P
         "unclaimed": (1, 4000),
     }
     assert observer.calls == 3  # namespaces, one listing, one mounts
+
+
+def busy_world(tmp_path: Path, active: int, *, elsewhere: bool = False) -> tuple[Path, DiskObserver, list[str]]:
+    """A windows snapshotter's folder holding one folder per snapshot: an image layer (1) and
+    ``active`` builds running on it, whose mounts name the folder (or, ``elsewhere``, another
+    snapshotter's: a store whose layer paths do not match). Returns the names ctr was made."""
+    snaps = tmp_path / "root" / "io.containerd.snapshotter.v1.windows" / "snapshots"
+    for n in range(1, active + 2):
+        (snaps / str(n)).mkdir(parents=True)
+    named = str(snaps).replace(".windows", ".other") if elsewhere else str(snaps)
+    rows = [("KEY", "PARENT", "KIND"), ("sha256:abc", "", "Committed")]
+    rows += [(f"obuilder-{n}", "sha256:abc", "Active") for n in range(2, active + 2)]
+    answers = {
+        ("namespaces", "ls", "--quiet"): "default\n",
+        ("snapshots", "--snapshotter", "windows", "ls"): "".join(f"{k:<24}{p:<24}{kind}\n" for k, p, kind in rows),
+    }
+    for n in range(2, active + 2):
+        answers[("snapshots", "--snapshotter", "windows", "mounts", "--", "target", f"obuilder-{n}")] = (
+            f'mount -t windows-layer {named}/{n} target -o rw,parentLayerPaths=["{named}/1"]\n'
+        )
+    made: list[str] = []
+
+    def for_namespace(name: str) -> Ctr:
+        made.append(name)
+        return StubCtr(name, answers)
+
+    return snaps, DiskObserver(StubCtr("default", answers), for_namespace=for_namespace), made
+
+
+def test_one_mount_finds_the_folder_and_the_next_looks_ask_none(tmp_path: Path) -> None:
+    # No layer path names the folder (the store's layerinfo sources did not match): one
+    # `snapshots mounts` per active snapshot was 25,000 ctr calls a look in a bench.
+    folder, observer, made = busy_world(tmp_path, 50)
+    drift = observer.observe()
+    assert drift.folder == str(folder) and drift.error is None
+    assert (drift.snapshots, drift.snapshot_folders, drift.unknown) == (51, 51, ())
+    assert observer.calls == 3  # namespaces, one listing, one mounts
+    assert observer.observe().folder == str(folder)
+    assert observer.calls == 3 + 2, "the folder found is remembered: no mounts asked"
+    assert made == ["default"], "the namespace's Ctr is kept, so its listing reuses its records"
+
+
+def test_mounts_that_never_name_the_folder_cost_a_few_calls_not_one_per_active_snapshot(tmp_path: Path) -> None:
+    _, observer, _ = busy_world(tmp_path, 50, elsewhere=True)
+    for look in (1, 2):
+        drift = observer.observe()
+        assert drift.folder is None and drift.snapshots == 51
+        assert observer.calls == look * (2 + FOLDER_PROBES)
+
+
+def test_a_surplus_beside_many_active_snapshots_is_counted_for_a_bounded_number_of_calls(tmp_path: Path) -> None:
+    # A folder beyond the snapshots, and 50 active snapshots whose folders no layer path names:
+    # naming the extra one would take a `snapshots mounts` of each (one ctr process apiece).
+    folder, observer, _ = busy_world(tmp_path, 50)
+    (folder / "52").mkdir()
+    drift = observer.observe()
+    assert (drift.snapshots, drift.snapshot_folders, drift.unattributed, drift.unknown) == (51, 52, 1, ())
+    assert observer.calls == 2 + 1 + CLAIM_PROBES
+
+
+def test_a_remembered_folder_that_went_is_found_again(tmp_path: Path) -> None:
+    folder, observer, _ = busy_world(tmp_path, 3)
+    assert observer.observe().folder == str(folder)
+    moved = tmp_path / "moved"
+    folder.parent.parent.rename(moved)  # containerd's root moved
+    answers = observer.ctr.answers  # type: ignore[attr-defined]
+    for argv, said in answers.items():
+        answers[argv] = said.replace(str(folder.parent.parent), str(moved))
+    drift = observer.observe()
+    assert drift.folder == str(moved / "io.containerd.snapshotter.v1.windows" / "snapshots")
+    assert drift.error is None and drift.snapshot_folders == 4
 
 
 def test_an_unknown_folder_is_walked_again_only_when_it_changed_or_after_a_while(

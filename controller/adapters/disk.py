@@ -18,6 +18,7 @@ Otherwise the surplus is counted, not named.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -51,6 +52,17 @@ BOOT_SIZE_BUDGET = 5.0
 _CLOCK_EVERY = 256
 
 _SEP = r"[\\/]+"
+#: ``snapshots mounts`` calls a look spends finding the snapshotter's folder when no layer path
+#: names it. Any active snapshot's mount names the folder, so when the first few name none, the
+#: rest will not either; asking each of 25,000 active snapshots once took a pass minutes.
+FOLDER_PROBES = 3
+#: ``snapshots mounts`` calls a look spends naming which id folders are containerd's, when the
+#: folders outnumber the snapshots. A worker's running builds are a few; past this many, the
+#: surplus is counted rather than named, not paid for with one ctr process per active snapshot.
+CLAIM_PROBES = 32
+
+#: One namespace's Ctr and the snapshots it listed.
+_Listed = tuple[Ctr, tuple[Snapshot, ...]]
 
 
 def _layer_pattern(snapshotter: str) -> re.Pattern[str]:
@@ -199,6 +211,12 @@ class DiskObserver:
         self._sizes: dict[str, tuple[tuple[int, int, int], float, int]] = {}
         #: A Ctr for another namespace (its own, so its calls are counted here, not in the pass's).
         self.for_namespace = for_namespace or (lambda name: Ctr(replace(ctr.settings, namespace=name)))
+        #: The namespaces' Ctrs of the last look, kept so that each one's snapshot listing reuses
+        #: the records of its last (50,000 snapshots are 50,000 records to build otherwise).
+        self._ctrs: dict[str, Ctr] = {}
+        #: The snapshotter's folder as last listed: a look whose layer paths do not name it
+        #: lists it again rather than asking containerd's mounts where it is.
+        self._folder: str | None = None
         self.calls = 0
         self.ledger = ReclaimLedger()
 
@@ -206,11 +224,13 @@ class DiskObserver:
         """Folders the snapshotter holds that containerd does not know, with their bytes.
 
         Costs ``ctr namespaces ls`` and one ``snapshots ls`` per namespace, a listing of the
-        folder, and a walk of the unknown folders only; ``snapshots mounts`` of the active
-        snapshots only when the folders outnumber the snapshots."""
+        folder, and a walk of the unknown folders only; ``snapshots mounts`` of a few active
+        snapshots when no path names the folder and none was found before, and of every active
+        snapshot only when the folders outnumber the snapshots."""
         snapshotter = self.ctr.settings.snapshotter
         paths = list(layer_paths)
-        folder, claimed = layer_ids(paths, snapshotter)
+        named, claimed = layer_ids(paths, snapshotter)
+        folder = named or self._folder
         names: list[str] | str = "not listed"
         if folder is not None:
             # The folder before the snapshots: a snapshot prepared in between is in neither
@@ -219,25 +239,24 @@ class DiskObserver:
         listed = [(c, c.snapshots()) for c in self._namespaces()]
         self.calls += len(listed)
         snapshots = sum(len(s) for _, s in listed)
-        if folder is None:
-            # No path says where this snapshotter keeps its layers: ask the active snapshots.
-            paths.extend(self._active_paths(listed))
+        if folder is None or (named is None and isinstance(names, str)):
+            # No path says where this snapshotter keeps its layers, and the folder found before
+            # (if any) is not there now: ask the active snapshots.
+            self._folder = None
+            paths.extend(self._folder_paths(listed))
             folder, claimed = layer_ids(paths, snapshotter)
             if folder is None:
                 return DiskDrift(snapshots=snapshots)
             names = self._listing(folder)
         if isinstance(names, str):
             return DiskDrift(folder=folder, snapshots=snapshots, error=f"{folder}: cannot list: {names}")
+        self._folder = folder
         ids = [n for n in names if n.isdecimal()]
         unknown = [(n, r) for n in sorted(names) if (r := _reason(n)) is not None]
         surplus = len(ids) - snapshots
         unattributed = 0
         if surplus > 0:
-            candidates = sorted(set(ids) - claimed, key=int)
-            if len(candidates) > surplus:
-                paths.extend(self._active_paths(listed))
-                claimed = layer_ids(paths, snapshotter)[1]
-                candidates = sorted(set(ids) - claimed, key=int)
+            candidates = self._unclaimed(ids, claimed, surplus, paths, listed)
             if len(candidates) == surplus:
                 unknown.extend((n, "unclaimed") for n in candidates)
             else:
@@ -257,6 +276,21 @@ class DiskObserver:
             unsized=len(self.unsized),
             note=self.note,
         )
+
+    def _unclaimed(
+        self, ids: list[str], claimed: set[str], surplus: int, paths: list[str], listed: list[_Listed]
+    ) -> list[str]:
+        """The id folders no layer path names, the mounts of up to :data:`CLAIM_PROBES` active
+        snapshots asked when the paths at hand leave more of them than the surplus (only then
+        can they name fewer)."""
+        candidates = sorted(set(ids) - claimed, key=int)
+        if len(candidates) > surplus:
+            paths.extend(
+                p for ctr, key in itertools.islice(_active(listed), CLAIM_PROBES) for p in self._mounts(ctr, key)
+            )
+            claimed = layer_ids(paths, self.ctr.settings.snapshotter)[1]
+            candidates = sorted(set(ids) - claimed, key=int)
+        return candidates
 
     def observe_states(self, containerd: ContainerdState, store: StoreState) -> DiskDrift:
         """:meth:`observe` with the layer paths a pass's observation holds."""
@@ -332,21 +366,35 @@ class DiskObserver:
     def _namespaces(self) -> list[Ctr]:
         self.calls += 1
         out = self.ctr.output(["namespaces", "ls", "--quiet"])
-        return [self.for_namespace(n.strip()) for n in out.splitlines() if n.strip()]
+        names = [n.strip() for n in out.splitlines() if n.strip()]
+        # Only the namespaces listed now are kept, so a namespace gone takes its Ctr with it.
+        self._ctrs = {n: self._ctrs[n] if n in self._ctrs else self.for_namespace(n) for n in names}
+        return [self._ctrs[n] for n in names]
 
-    def _active_paths(self, listed: list[tuple[Ctr, tuple[Snapshot, ...]]]) -> list[str]:
+    def _folder_paths(self, listed: list[_Listed]) -> list[str]:
+        """Layer paths from the mounts of at most :data:`FOLDER_PROBES` active snapshots, up to
+        the first that names the snapshotter's folder: one is enough."""
+        pattern = _layer_pattern(self.ctr.settings.snapshotter)
         paths: list[str] = []
-        for ctr, snaps in listed:
-            for s in snaps:
-                if s.kind.lower() != "active":
-                    continue
-                self.calls += 1
-                proc = ctr.run(
-                    ["snapshots", "--snapshotter", ctr.settings.snapshotter, "mounts", "--", "target", s.key]
-                )
-                if proc.returncode == 0:  # one removed since it was listed has no mounts: skip it
-                    paths.extend(mount_paths(proc.stdout))
+        for ctr, key in itertools.islice(_active(listed), FOLDER_PROBES):
+            mounted = self._mounts(ctr, key)
+            paths.extend(mounted)
+            if any(pattern.match(p) for p in mounted):
+                break
         return paths
+
+    def _mounts(self, ctr: Ctr, key: str) -> list[str]:
+        self.calls += 1
+        proc = ctr.run(["snapshots", "--snapshotter", ctr.settings.snapshotter, "mounts", "--", "target", key])
+        # One removed since it was listed has no mounts: it names nothing.
+        return list(mount_paths(proc.stdout)) if proc.returncode == 0 else []
+
+
+def _active(listed: list[_Listed]) -> Iterator[tuple[Ctr, str]]:
+    for ctr, snaps in listed:
+        for s in snaps:
+            if s.kind.lower() == "active":
+                yield ctr, s.key
 
 
 class ReclaimLedger:
