@@ -5,7 +5,10 @@
 
 Prints the time to plan and the process's peak RSS (targets: at most 0.5 s, 150 MB at the
 default size; ``--target-seconds``, ``--target-mb`` for another), with the same plan over a
-world a tenth the size as the baseline in the same process.
+world a tenth the size as the baseline in the same process. The first plan of the big world
+derives what the planner keeps of the store (controller/core/store_index.py) from scratch;
+later rounds find it kept, as a daemon's passes over an unchanged store do. Both must meet
+the target.
 """
 
 from __future__ import annotations
@@ -78,16 +81,18 @@ def main() -> int:
     big = world(args.snapshots, args.results)
     built = time.perf_counter() - t0
     runs = [timed(big) for _ in range(max(1, args.rounds))]
+    first = runs[0][0]
     seconds, orphans = sorted(runs)[len(runs) // 2]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"planner: {len(big.containerd.snapshots)} snapshots, {len(big.store.results)} results, "
-        f"{orphans} orphans planned in {seconds:.3f} s (target <= {args.target_seconds:g} s); "
+        f"{orphans} orphans planned in {seconds:.3f} s, median of {len(runs)} (target <= {args.target_seconds:g} s); "
         f"world built in {built:.1f} s"
     )
+    print(f"first plan, the store's index derived from scratch: {first:.3f} s")
     print(f"peak RSS of the whole process: {rss_mb:.0f} MB (target <= {args.target_mb:g} MB)")
     print(f"baseline, a tenth of the world: {base_s:.3f} s; ratio {seconds / base_s:.1f} for 10x the objects")
-    return 0 if seconds <= args.target_seconds and rss_mb <= args.target_mb else 1
+    return 0 if max(seconds, first) <= args.target_seconds and rss_mb <= args.target_mb else 1
 
 
 if __name__ == "__main__":

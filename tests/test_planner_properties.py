@@ -9,13 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.core import planner
 from controller.core.ages import entry_stamp, stamp_of
 from controller.core.passes import PassOptions, run_once
-from controller.core.planner import plan
-from controller.model.plan import Mode, PlanOptions
+from controller.core.planner import Claim, plan
+from controller.model.plan import Mode, PlanOptions, Rule
 from controller.model.records import (
     Container,
     ContainerdState,
+    DbRow,
     History,
     LayerInfo,
     Observation,
@@ -215,3 +217,115 @@ def test_running_the_plan_against_containerd_rules_converges(world: tuple[Observ
     assert summary.acted <= 2
     assert keep <= set(fake.parents)
     assert set(first.snapshots).isdisjoint(fake.parents)
+
+
+# -- what the planner keeps between plans (controller/core/store_index.py) ---------------------------
+
+
+@st.composite
+def twisted_worlds(draw: st.DrawFn) -> tuple[Observation, PlanOptions, Mode]:
+    """``worlds()`` with what they lack: two results naming one snapshot, unreadable results and ones
+    without a layerinfo, DB rows that disagree, a foreign child, a container ctr could not describe."""
+    obs, options, mode = draw(worlds())
+    results = list(obs.store.results)
+    keys = [s.key for s in obs.containerd.snapshots]
+    for n in range(draw(st.integers(0, 3))):
+        twist = draw(st.sampled_from(["twin", "unreadable", "fallback"]))
+        if twist == "twin" and results:
+            twin = draw(st.sampled_from(results))
+            results.insert(draw(st.integers(0, len(results))), twin.model_copy(update={"id": f"twin{n}"}))
+        elif twist == "unreadable":
+            results.append(StoreEntry(id=f"u{n}", area="result", layerinfo_error="x:1:1: unexpected end of input"))
+        else:
+            results.append(StoreEntry(id=f"s{n}", area="result", has_rootfs=draw(st.booleans())))
+    rows = (*(DbRow(id=e.id) for e in results if draw(st.booleans())), DbRow(id="ghost"))
+    snapshots = obs.containerd.snapshots
+    uninspectable: dict[str, str] = {}
+    if keys:
+        if draw(st.booleans()):
+            snapshots += (Snapshot(key="foreign-child", parent=draw(st.sampled_from(keys))),)
+        if draw(st.booleans()):
+            uninspectable[draw(st.sampled_from(keys))] = "ctr failed"
+    obs = obs.model_copy(
+        update={
+            "store": obs.store.model_copy(update={"results": tuple(results), "db_rows": rows}),
+            "containerd": obs.containerd.model_copy(update={"snapshots": snapshots, "uninspectable": uninspectable}),
+        }
+    )
+    return obs, options, mode
+
+
+def fresh(obs: Observation) -> Observation:
+    """The same world in new records: nothing the planner kept from an earlier plan is found for it."""
+    return Observation.model_validate(obs.model_dump())
+
+
+@settings(max_examples=150, deadline=None)
+@given(twisted_worlds(), st.data())
+def test_plans_made_one_after_another_on_the_same_store_equal_plans_from_fresh_records(
+    world: tuple[Observation, PlanOptions, Mode], data: st.DataObject
+) -> None:
+    obs, options, mode = world
+    snapshots, results = obs.containerd.snapshots, obs.store.results
+    fewer = tuple(s for s in snapshots if data.draw(st.booleans(), "kept by containerd"))
+    more = (*snapshots, Snapshot(key="obuilder-s99-committed", parent=snapshots[0].key))
+    replaced = list(results)
+    if replaced:
+        at = data.draw(st.integers(0, len(replaced) - 1), "replaced")
+        replaced[at] = replaced[at].model_copy(update={"id": "rebuilt"})
+    sequence = [
+        obs,
+        obs.model_copy(update={"containerd": obs.containerd.model_copy(update={"snapshots": fewer})}),
+        obs.model_copy(update={"containerd": obs.containerd.model_copy(update={"snapshots": more})}),
+        obs.model_copy(update={"store": obs.store.model_copy(update={"results": tuple(replaced)})}),
+        obs,
+    ]
+    again = [plan(o, options, NOW, mode) for o in sequence]
+    for o, kept in zip(sequence, again, strict=True):
+        made = plan(fresh(o), options, NOW, mode)
+        assert kept == made
+        assert list(kept.snapshot_keeps.items()) == list(made.snapshot_keeps.items())
+
+
+def reference_keeps(obs: Observation, options: PlanOptions, mode: Mode) -> dict[str, tuple[Rule, str]]:
+    """Why each snapshot is kept, as the rules say it without shortcuts: every rule's claims merged
+    by KEEP_PRIORITY, every kept key's ancestors walked in rank order, then grace and its ancestors,
+    then what an uninspectable container may use."""
+    parent_of = {s.key: s.parent for s in obs.containerd.snapshots}
+    w = planner._world(obs, options, NOW, mode, parent_of)
+    planner._judge_containers(w)
+    planner._judge_tmp_entries(w)
+    kept = with_ancestors(planner.merge((c for rule in planner.RULES for c in rule(w)), w.owned), parent_of, w.owned)
+    young = planner.merge(planner.keep_young(w, w.owned - kept.keys(), []), w.owned)
+    if young:
+        kept.update(with_ancestors(young, {k: p for k, p in parent_of.items() if p not in kept}, w.owned))
+    kept.update(planner.merge(planner.keep_what_uninspectable_containers_may_use(w, set(kept)), w.owned))
+    return {k: (c.rule, c.reason) for k, c in kept.items()}
+
+
+def with_ancestors(
+    kept: dict[str, Claim], parent_of: dict[str, str | None], owned: set[str]
+) -> dict[str, Claim]:
+    """Rule 5 walked from every kept key, best-ranked first, the first of equals first."""
+    out = dict(kept)
+    walked: set[str] = set()
+    for root in sorted(kept.values(), key=lambda c: planner.KEEP_PRIORITY.index(c.rule)):
+        key = parent_of.get(root.key)
+        while key is not None and key not in out and key not in walked:
+            walked.add(key)
+            if key in owned:
+                out[key] = Claim(key, Rule.ANCESTOR, f"ancestor of {root.key} (kept: {root.rule})")
+            key = parent_of.get(key)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(twisted_worlds())
+def test_the_planners_shortcuts_keep_what_every_claim_merged_keeps(
+    world: tuple[Observation, PlanOptions, Mode],
+) -> None:
+    """The results' claims come merged from the store's index, only roots that can claim an ancestor
+    walk, grace stops below what is kept: the same keeps, reasons and order as the rules unabridged."""
+    obs, options, mode = world
+    kept = plan(obs, options, NOW, mode).snapshot_keeps
+    assert list(kept.items()) == list(reference_keeps(obs, options, mode).items())

@@ -11,23 +11,28 @@ the rules run in, so ``--explain`` gives one answer. The ancestors of everything
 are kept (:attr:`Rule.ANCESTOR`); grace applies after them, to what nothing else keeps, so
 only those snapshots are asked their age; then what a container ctr could not describe may
 use, to what even grace does not keep.
+
+What the rules take from the store alone (each result's claim, the drift report's id sets,
+which build owns a folder) is kept between plans by the identity of the store's records
+(:mod:`controller.core.store_index`): a daemon's pass over 50,000 unchanged results costs a
+few set operations over the owned keys, not a claim per result. Same inputs, same plan.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
-import ntpath
-import posixpath
-import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
-from typing import NamedTuple
+from itertools import chain, compress, repeat
+from operator import attrgetter, itemgetter, not_
+from typing import Protocol
 
 from controller.core import ages
+from controller.core.store_index import Claim, ResultIndex, index_results, path_identity
 from controller.model.plan import (
     CacheTmpRemoval,
     ContainerRemoval,
@@ -37,7 +42,6 @@ from controller.model.plan import (
     Plan,
     PlanOptions,
     Rule,
-    StoreDrift,
     TmpRemoval,
 )
 from controller.model.records import LIVE_TASKS, Container, Observation, StoreEntry, TaskStatus, Watch
@@ -54,8 +58,10 @@ KEEP_PRIORITY: tuple[Rule, ...] = (
     Rule.GRACE,
 )
 _RANK = {rule: n for n, rule in enumerate(KEEP_PRIORITY)}
+_KEY = attrgetter("key")
+_RULE = itemgetter(1)
+_RULE_AND_REASON = itemgetter(1, 2)
 
-_WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:|\\\\)|\\")
 _ORPHAN = (
     "no result/ entry names it, no live build, no protection rule matches, "
     "no kept container uses it, and nothing kept descends from it"
@@ -65,26 +71,6 @@ _ORPHAN = (
 def base_image_key(reference: str) -> str:
     """OBuilder's snapshot key for a base image: ``obuilder-base-`` + SHA256 of the reference."""
     return "obuilder-base-" + hashlib.sha256(reference.encode()).hexdigest()
-
-
-def path_identity(path: str) -> str:
-    """A form of a folder path in which two spellings of one folder compare equal.
-
-    Windows paths (drive letter, UNC or backslashes) compare case-insensitively
-    with either slash; others as POSIX. Decided by the path's shape, not the host,
-    so Windows inputs are planned the same on any machine.
-    """
-    if _WINDOWS_PATH.search(path):
-        return ntpath.normcase(ntpath.normpath(path))
-    return posixpath.normpath(path)
-
-
-class Claim(NamedTuple):
-    """A keep rule's verdict on one snapshot key (a tuple: a large store makes many)."""
-
-    key: str
-    rule: Rule
-    reason: str
 
 
 @dataclass
@@ -97,6 +83,8 @@ class _World:
     mode: Mode
     parent_of: dict[str, str | None]
     owned: set[str]
+    #: What the store's results give, derived once per results tuple (controller.core.store_index).
+    results: ResultIndex
     #: Which build each layer folder and each key belongs to (for containers).
     folder_owner: dict[str, StoreEntry]
     key_owner: dict[str, StoreEntry]
@@ -140,12 +128,24 @@ def keep_what_kept_containers_use(w: _World) -> Iterator[Claim]:
                 yield Claim(key, Rule.CONTAINER, why)
 
 
+def result_claims(e: StoreEntry) -> tuple[Claim, ...]:
+    """Rule 1 for one result: derived once per entry object, kept in the store's index."""
+    return tuple(_claims_of_result(e))
+
+
+def _claims_of_result(e: StoreEntry) -> Iterator[Claim]:
+    if e.layerinfo_error is None:
+        for key in e.snapshot_keys:
+            yield Claim(key + "-committed", Rule.RESULT, f"result/{e.id} exists (its snapshot is {key})")
+
+
 def keep_results(w: _World) -> Iterator[Claim]:
-    """Rule 1: a finished result keeps its committed snapshot."""
+    """Rule 1: a finished result keeps its committed snapshot.
+
+    The rule as written; a plan takes the same claims, merged already, from ``w.results`` (see
+    :func:`_firm_keeps`), so that 50,000 unchanged results cost no claim each at every pass."""
     for e in w.observation.store.results:
-        if e.layerinfo_error is None:
-            for key in e.snapshot_keys:
-                yield Claim(key + "-committed", Rule.RESULT, f"result/{e.id} exists (its snapshot is {key})")
+        yield from _claims_of_result(e)
 
 
 def keep_live_builds(w: _World) -> Iterator[Claim]:
@@ -161,7 +161,7 @@ def keep_what_unreadable_layerinfo_could_name(w: _World) -> Iterator[Claim]:
 
     At boot an interrupted build's is removed instead (its keys are OBuilder's derived ones).
     """
-    for e in (*w.observation.store.results, *w.observation.store.tmp):
+    for e in (*w.results.unreadable, *w.observation.store.tmp):
         if e.layerinfo_error is None or (e.area == "result-tmp" and w.mode is Mode.BOOT):
             continue
         why = f"{e.area}/{e.id} has an unreadable layerinfo; kept until a human looks"
@@ -190,24 +190,28 @@ def keep_protected(w: _World) -> Iterator[Claim]:
 
 def keep_parents_of_foreign_snapshots(w: _World) -> Iterator[Claim]:
     """An owned snapshot under one we do not own cannot go without touching it."""
-    for s in w.observation.containerd.snapshots:
+    snapshots = w.observation.containerd.snapshots
+    # Only a snapshot we do not own can be such a child: those are picked out in C, in their order.
+    for s in compress(snapshots, map(not_, map(w.owned.__contains__, map(_KEY, snapshots)))):
         if s.key not in w.owned and s.parent in w.owned:
             yield Claim(s.parent, Rule.FOREIGN_CHILD, f"snapshot {s.key}, which we do not own, is its child")
 
 
-def keep_young(w: _World, kept: set[str], unaged: list[str]) -> Iterator[Claim]:
+def keep_young(w: _World, loose: Set[str], unaged: list[str]) -> Iterator[Claim]:
     """Rule 6, daemon only: OBuilder prepares a snapshot before it writes the layerinfo.
 
-    Age is containerd's Created, not when we first saw the key: keys are deleted and
-    re-created (build ids repeat), and a re-created key must get a fresh grace period.
-    A snapshot whose age was not read is kept and listed in ``unaged``.
+    ``loose``: the owned keys nothing else keeps. Age is containerd's Created, not when we
+    first saw the key: keys are deleted and re-created (build ids repeat), and a re-created
+    key must get a fresh grace period. A snapshot whose age was not read is kept and listed
+    in ``unaged``.
     """
-    if w.mode is not Mode.DAEMON:
+    young = sorted(loose) if w.mode is Mode.DAEMON else []
+    if not young:
         return
     created_of = {s.key: s.created for s in w.observation.containerd.snapshots}
     watches = w.observation.history.snapshots
     grace = w.options.grace_period
-    for k in sorted(w.owned - kept):
+    for k in young:
         created = created_of.get(k)
         if created is None:
             unaged.append(k)
@@ -220,7 +224,7 @@ def keep_young(w: _World, kept: set[str], unaged: list[str]) -> Iterator[Claim]:
             yield Claim(k, Rule.GRACE, f"{_aged(age, w.now - created)}, less than gracePeriod {grace}")
 
 
-def keep_what_uninspectable_containers_may_use(w: _World, kept: set[str]) -> Iterator[Claim]:
+def keep_what_uninspectable_containers_may_use(w: _World, kept: Collection[str]) -> Iterator[Claim]:
     """A container ctr could not describe cannot be judged, so what it may use stays: the snapshot
     ``ctr run`` names after it, with its ancestors; and while its task is live, every layer (it
     may run on any). Applied last, to what nothing else keeps: one such container explains no
@@ -231,7 +235,7 @@ def keep_what_uninspectable_containers_may_use(w: _World, kept: set[str]) -> Ite
     live = sorted({t.id for t in cd.tasks if t.status in LIVE_TASKS} & cd.uninspectable.keys())
     if live:
         why = f"container {live[0]} could not be inspected and its task is live: it may run on any layer"
-        for k in sorted(w.owned - kept):
+        for k in sorted(w.owned.difference(kept)):
             yield Claim(k, Rule.CONTAINER, why)
         return
     claimed = set(kept)
@@ -264,18 +268,66 @@ def merge(claims: Iterable[Claim], owned: set[str]) -> dict[str, Claim]:
     return best
 
 
-def with_ancestors(kept: dict[str, Claim], parent_of: dict[str, str | None], owned: set[str]) -> dict[str, Claim]:
-    """Rule 5: the owned ancestors of everything kept, each explained by the best-ranked root below it."""
-    out = dict(kept)
+class _Parents(Protocol):
+    def get(self, key: str, /) -> str | None: ...
+
+
+class _Below:
+    """``parent_of`` ending below a kept key: a young snapshot's ancestors stop at the first one
+    something else keeps (it has its reason already)."""
+
+    def __init__(self, parent_of: Mapping[str, str | None], kept: Mapping[str, Claim]) -> None:
+        self.parent_of, self.kept = parent_of, kept
+
+    def get(self, key: str, /) -> str | None:
+        parent = self.parent_of.get(key)
+        return None if parent in self.kept else parent
+
+
+def ancestors_of(kept: Mapping[str, Claim], parent_of: _Parents, owned: Set[str]) -> dict[str, Claim]:
+    """Rule 5: the owned ancestors of everything kept that are not kept themselves, each explained
+    by the best-ranked root below it (among equals, the first in ``kept``)."""
+    climbing = _climbing(set(map(parent_of.get, kept)), parent_of.get, owned, kept)
+    if not climbing:
+        return {}
+    # Only the roots right below where a walk can claim something walk at all. Taken in the order
+    # a stable sort by rank gives all of kept, their walks are the ones all roots' would be.
+    roots = list(compress(kept.values(), map(climbing.__contains__, map(parent_of.get, kept))))
+    ranks = list(map(_RANK.__getitem__, map(_RULE, roots)))
+    out: dict[str, Claim] = {}
     walked: set[str] = set()
-    for root in sorted(kept.values(), key=lambda c: _RANK[c.rule]):
+    for root in map(roots.__getitem__, sorted(range(len(roots)), key=ranks.__getitem__)):
         key = parent_of.get(root.key)
-        while key is not None and key not in out and key not in walked:
+        while key is not None and key not in kept and key not in out and key not in walked:
             walked.add(key)
             if key in owned:
                 out[key] = Claim(key, Rule.ANCESTOR, f"ancestor of {root.key} (kept: {root.rule})")
             key = parent_of.get(key)
     return out
+
+
+def _climbing(
+    above: set[str | None], up: Callable[[str], str | None], owned: Set[str], kept: Mapping[str, Claim]
+) -> set[str]:
+    """Of the keys right above a kept one, those from which a walk up meets an owned key before a
+    kept one (or the top). A walk through any other claims nothing, whoever walks it first, and
+    stops no walk that would: its keys are foreign up to where every walk stops."""
+    meets: dict[str, bool] = {}
+    for start in above:
+        path: list[str] = []
+        key, found = start, False
+        while key is not None and key not in kept:
+            known = meets.get(key)
+            if known is not None or key in owned:
+                found = known is not False
+                break
+            meets[key] = False  # met again on this path: a loop without an owned key
+            path.append(key)
+            key = up(key)
+        meets.update(dict.fromkeys(path, found))
+        if start is not None and start not in kept:
+            meets[start] = found
+    return {key for key, found in meets.items() if found and key in above}
 
 
 # -- the plan ------------------------------------------------------------------------------
@@ -299,15 +351,17 @@ def _plan(observation: Observation, options: PlanOptions, now: datetime, mode: M
     w = _world(observation, options, now, mode, parent_of)
     removals = _judge_containers(w)
     tmp_removals, key_to_tmp = _judge_tmp_entries(w)
-    kept, unaged, held = _keeps(w)
+    orphans, unaged, held, snapshot_keeps = _keeps(w)
     # A result-tmp/ entry goes only after its snapshots: it is the record of which one it used.
     tmp_removals = [t for t in tmp_removals if not held.keys() & set(t.after)]
-    orphans = w.owned - kept.keys()
     levels, deferred = _orphan_levels(orphans, parent_of, options.max_deletions_per_pass)
     removal_reason = _removal_reasons(orphans, key_to_tmp, mode)
     cache_tmp = _cache_tmp(w)
     pinned_by, runs_on_unknown = _pinned_by_leftover_containers(w, orphans)
-    created_of = {s.key: s.created for s in cd.snapshots if s.created is not None} if mode is Mode.DAEMON else {}
+    planned = list(chain.from_iterable(levels))
+    created_of: dict[str, datetime] = {}
+    if mode is Mode.DAEMON and removal_reason:
+        created_of = {s.key: s.created for s in cd.snapshots if s.created is not None}
     # Built without validation: every value comes from the records above, and a week-old store
     # gives maps of tens of thousands of keys that validation would copy for nothing.
     return Plan.model_construct(
@@ -315,7 +369,7 @@ def _plan(observation: Observation, options: PlanOptions, now: datetime, mode: M
         containers=tuple(removals),
         snapshot_levels=tuple(tuple(level) for level in levels),
         snapshot_reasons=removal_reason,
-        snapshot_parents={k: parent_of[k] for level in levels for k in level},
+        snapshot_parents=dict(zip(planned, map(parent_of.__getitem__, planned), strict=True)),
         snapshot_created={k: c for k in removal_reason if (c := created_of.get(k)) is not None},
         unaged=tuple(unaged),
         pinned_by=pinned_by,
@@ -324,8 +378,8 @@ def _plan(observation: Observation, options: PlanOptions, now: datetime, mode: M
         cache_tmp=cache_tmp,
         deferred=deferred,
         decisions=tuple(w.decisions),
-        snapshot_keeps={k: (c.rule, c.reason) for k, c in kept.items()},
-        drift=_drift(observation, set(parent_of)),
+        snapshot_keeps=snapshot_keeps,
+        drift=w.results.drift(observation.store.db_rows, parent_of),
         warnings=tuple(w.warnings),
         requeue_after=max(min(wake) - now, timedelta(0)) if (wake := _soonest(w.waiting)) else None,
         stamped_ahead=w.ahead,
@@ -339,38 +393,79 @@ def _world(
     """The observation indexed once: what is owned, and which build each folder and key belongs to."""
     store, cd = observation.store, observation.containerd
     owned = {k for k in parent_of if k.startswith(options.snapshot_prefix)}
+    results = index_results(store.results, result_claims)
     folder_owner: dict[str, StoreEntry] = {}
     key_owner: dict[str, StoreEntry] = {}
-    for e in (*store.results, *store.tmp) if cd.containers else ():  # only containers ask
+    if cd.containers:  # only containers ask; the results' part is the index's, the first owner wins
+        by_folder, by_key = results.owners()
+        folder_owner, key_owner = dict(by_folder), dict(by_key)
+    for e in store.tmp if cd.containers else ():
         if e.layerinfo is not None and e.layerinfo.source:
             folder_owner.setdefault(path_identity(e.layerinfo.source), e)
         for key in e.snapshot_keys:
             key_owner.setdefault(key, e)
-    return _World(observation, options, now, mode, parent_of, owned, folder_owner, key_owner)
+    return _World(observation, options, now, mode, parent_of, owned, results, folder_owner, key_owner)
 
 
-def _keeps(w: _World) -> tuple[dict[str, Claim], list[str], dict[str, Claim]]:
-    """Every kept snapshot with its reason: the rules that keep for good with their ancestors, then
-    grace for what nothing else keeps, then what an uninspectable container may use. Also the keys
-    whose age was not read, and what that last rule holds."""
+def _keeps(w: _World) -> tuple[set[str], list[str], dict[str, Claim], dict[str, tuple[Rule, str]]]:
+    """What is kept, and why: the rules that keep for good with their ancestors, then grace for what
+    nothing else keeps, then what an uninspectable container may use. Gives the orphans (what none
+    keeps), the keys whose age was not read, what that last rule holds, and every kept key's
+    (rule, reason)."""
     owned, parent_of = w.owned, w.parent_of
-    kept = with_ancestors(merge((c for rule in RULES for c in rule(w)), owned), parent_of, owned)
+    by_results, results_keep = w.results.on(owned)
+    before, other = _firm_keeps(w, by_results)
+    # In the order merge() of all claims would hold them: it decides which root explains an ancestor.
+    kept = {**before, **by_results, **other}
+    other.update(ancestors := ancestors_of(kept, parent_of, owned))
+    kept.update(ancestors)
     unaged: list[str] = []
-    young = merge(keep_young(w, set(kept), unaged), owned)
+    loose = owned.difference(kept)
+    young = merge(keep_young(w, loose, unaged), owned)
     if young:
-        # Their ancestors too, up to the first one something else keeps (it has its reason already).
-        kept.update(with_ancestors(young, {k: p for k, p in parent_of.items() if p not in kept}, owned))
-    held = merge(keep_what_uninspectable_containers_may_use(w, set(kept)), owned)
+        young.update(ancestors_of(young, _Below(parent_of, kept), owned))
+        kept.update(young)
+        other.update(young)
+    held = merge(keep_what_uninspectable_containers_may_use(w, kept), owned)
     kept.update(held)
-    return kept, unaged, held
+    other.update(held)
+    snapshot_keeps = {**_keeps_of(before), **results_keep, **_keeps_of(other)}
+    # Grace and the uninspectable containers keep only loose keys: what is left of them is orphaned.
+    return loose.difference(young, held), unaged, held, snapshot_keeps
+
+
+def _keeps_of(claims: Mapping[str, Claim]) -> dict[str, tuple[Rule, str]]:
+    return dict(zip(claims, map(_RULE_AND_REASON, claims.values()), strict=True))
+
+
+def _firm_keeps(w: _World, results: Mapping[str, Claim]) -> tuple[dict[str, Claim], dict[str, Claim]]:
+    """``merge`` of every rule in RULES, given keep_results's claims on owned keys merged already
+    (``results``): the claims of the rules before keep_results, merged, and of all the other rules'
+    claims those that win: outrank a result's, or keep what no result does. A few keys, where the
+    results' claims are 50,000."""
+    at = RULES.index(keep_results)
+    before = merge((c for rule in RULES[:at] for c in rule(w)), w.owned)
+    after = merge((c for rule in RULES[at + 1 :] for c in rule(w)), w.owned)
+    won: dict[str, Claim] = {}
+    for key, c in after.items():
+        result = results.get(key)
+        if result is None or _RANK[c.rule] < _RANK[result.rule]:  # among equals the earlier: the result
+            won[key] = c
+    for key, c in before.items():
+        best = won.get(key) or results.get(key)
+        if best is None or _RANK[c.rule] <= _RANK[best.rule]:  # among equals the earlier: this one
+            won[key] = c
+    return before, won
 
 
 def _orphan_levels(
     orphans: set[str], parent_of: dict[str, str | None], limit: int | None
 ) -> tuple[list[list[str]], tuple[str, ...]]:
     """The orphans leaves first, at most ``limit`` of them (maxDeletionsPerPass); the rest deferred."""
+    if not orphans:  # counting every snapshot's children is for placing orphans
+        return [], ()
     levels = _levels_leaves_first(orphans, Counter(parent_of.values()), parent_of)
-    flat = [k for level in levels for k in level]
+    flat = list(chain.from_iterable(levels))
     deferred: tuple[str, ...] = ()
     if limit is not None and len(flat) > limit:
         allowed = set(flat[:limit])
@@ -465,10 +560,9 @@ def _judge_tmp_entries(w: _World) -> tuple[list[TmpRemoval], dict[str, StoreEntr
             removals.append(TmpRemoval(id=e.id, after=after, reason=reason))
         rule = Rule.LIVE_BUILD if live else Rule.INTERRUPTED
         w.decisions.append(Decision(kind=Kind.RESULT_TMP, name=e.id, keep=live, rule=rule, reason=reason))
-    for e in w.observation.store.results:
-        if e.layerinfo_error is not None:
-            w.decisions.append(_unreadable(e))
-            w.warnings.append(f"unreadable layerinfo: {e.layerinfo_error}")
+    for e in w.results.unreadable:
+        w.decisions.append(_unreadable(e))
+        w.warnings.append(f"unreadable layerinfo: {e.layerinfo_error}")
     return removals, key_to_tmp
 
 
@@ -572,48 +666,35 @@ def _levels_leaves_first(
 ) -> list[list[str]]:
     """Group orphans by height: level 0 has no children, level n only children below n.
 
-    Leaves first, each parent once its last child is placed: linear in the orphans.
-    An orphan with a child that is not an orphan can never be placed, so it is never
-    planned (the keep rules already keep such a parent; this is a second fence).
+    Leaves first, a level at a time: a parent's last child is placed in the level below its
+    own, so it is ready right after that level. Linear in the orphans, and a level's parents
+    are counted in C: a week-old store has hundreds of thousands of orphans, most of them
+    leaves. An orphan with a child that is not an orphan can never be placed, so it is
+    never planned (the keep rules already keep such a parent; this is a second fence).
     """
-    waiting = {k: children[k] for k in orphans}
-    height = dict.fromkeys((k for k, n in waiting.items() if n == 0), 0)
-    queue = list(height)
-    get_parent = parent_of.get
-    for k in queue:  # the queue grows while we walk it
-        p = get_parent(k)
-        if p in waiting:
-            h = height[k] + 1
-            if h > height.get(p, 0):
-                height[p] = h
-            left = waiting[p] - 1
-            waiting[p] = left
-            if left == 0:
-                queue.append(p)
-    by_level: dict[int, list[str]] = defaultdict(list)
-    for k in queue:
-        by_level[height[k]].append(k)
-    return [sorted(by_level[h]) for h in sorted(by_level)]
+    waiting = dict(zip(orphans, map(children.get, orphans, repeat(0)), strict=True))
+    level = list(compress(waiting, map(not_, waiting.values())))
+    levels: list[list[str]] = []
+    while level:
+        levels.append(sorted(level))
+        ready: list[str] = []
+        for parent, placed in Counter(map(parent_of.get, level)).items():
+            if parent is not None and (left := waiting.get(parent)) is not None:
+                waiting[parent] = left = left - placed
+                if left == 0:
+                    ready.append(parent)
+        level = ready
+    return levels
 
 
-def _drift(observation: Observation, present: set[str]) -> StoreDrift:
-    store = observation.store
-    result_ids = {e.id for e in store.results}
-    row_ids = {r.id for r in store.db_rows}
-    missing = [
-        e.id
-        for e in store.results
-        if e.layerinfo_error is None and not any(k + "-committed" in present for k in e.snapshot_keys)
-    ]
-    return StoreDrift(
-        rows_without_result=_sorted(row_ids - result_ids),
-        results_without_row=_sorted(result_ids - row_ids),
-        results_missing_snapshot=_sorted(missing),
-    )
-
-
-def _sorted(items: Iterable[str]) -> tuple[str, ...]:
-    return tuple(sorted(items))
-
-
-__all__: Sequence[str] = ("KEEP_PRIORITY", "RULES", "Claim", "base_image_key", "merge", "path_identity", "plan")
+__all__: Sequence[str] = (
+    "KEEP_PRIORITY",
+    "RULES",
+    "Claim",
+    "ancestors_of",
+    "base_image_key",
+    "merge",
+    "path_identity",
+    "plan",
+    "result_claims",
+)
