@@ -401,8 +401,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "ctr-listing-splits-keys",
         "ctr: a key with blanks is read whole from snapshots ls (cells cut at the header's columns)",
         CTR,
-        'row[name] = line[start:end].rstrip(" ")',
-        'row[name] = (line[start:end].split() or [""])[0]',
+        'return {name: line[start:end].rstrip(" ") for name, start, end in columns}',
+        'return {name: (line[start:end].split() or [""])[0] for name, start, end in columns}',
         (t("test_table_is_cut_at_header_columns_not_blanks", "tests/test_ctr.py"),),
     ),
     Mutant(
