@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.adapters import platform
 from controller.adapters import store as store_module
 from controller.adapters.store import FsStore, ReadCache, check_store, observe_store, read_db, read_layerinfo
 from controller.model.errors import LayerinfoError, StoreSanityError
+from controller.model.records import StoreState
 from tests.support.world import create_store, layerinfo_text
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -240,10 +244,28 @@ def test_db_open_by_a_live_worker_is_read_through_its_wal(tmp_path: Path) -> Non
 
 # -- the read cache: a pass from the cache sees what a full read would --------------------------
 
-_IDS = ("a", "b", "c", "d")
-_OPS = st.lists(
+_IDS = ("a", "b", "c", "d", "e", "f", "g")
+#: Small, so that a store of a few entries takes several verifications to cover.
+_BATCH = 3
+_STEPS = st.lists(
     st.tuples(
-        st.sampled_from(["start", "finish", "cancel", "prune", "rebuild", "row", "unrow"]), st.sampled_from(_IDS)
+        st.sampled_from(
+            [
+                "start",
+                "finish",
+                "cancel",
+                "prune",
+                "rebuild",
+                "renamed over",
+                "rewritten",
+                "rootfs",
+                "row",
+                "unrow",
+                "cycle",
+            ]
+        ),
+        st.sampled_from(_IDS),
+        st.booleans(),  # whether the look after it is a resync (it verifies a slice)
     ),
     max_size=25,
 )
@@ -257,42 +279,111 @@ def _result(root: Path, build: str, key: str) -> None:
     os.rename(tmp, root / "result" / build)
 
 
+def _after_a_tick(root: Path) -> None:
+    """Wait until the file clock has passed now, so that what is changed next gets stamps later
+    than any read so far: what a test with RACY_NS at 0 needs (a kernel stamps files from a
+    coarse clock; on one with fine-grained stamps this returns at once)."""
+    t = time.time_ns()
+    probe = root / "tick"
+    probe.touch()
+    while probe.stat().st_mtime_ns <= t:
+        time.sleep(0.001)
+        probe.touch()
+    probe.unlink()
+
+
+def _change(root: Path, op: str, build: str, generation: dict[str, int]) -> bool:
+    """One thing a worker (or someone) does to the store; True when ``result/build`` is then a
+    folder that did not exist before (a new inode): a look must see it at once."""
+    result, tmp = root / "result" / build, root / "result-tmp" / build
+    generation[build] += 1
+    key = f"obuilder-{build}-v{generation[build]}"
+    if op == "start" and not tmp.exists():
+        tmp.mkdir()
+        (tmp / "layerinfo").write_text(layerinfo_text(key, f"/snap/{build}", []))
+    elif op == "finish" and tmp.exists() and not result.exists():
+        os.rename(tmp, result)
+        return True
+    elif op == "cancel" and tmp.exists():
+        shutil.rmtree(tmp)
+    elif op == "prune" and result.exists():
+        shutil.rmtree(result)
+    elif op == "rebuild" and result.exists():
+        # Pruned and rebuilt under the same id, its snapshot under another key this time: Linux
+        # gives the new folder the freed inode number back, often. Seen within a cycle.
+        shutil.rmtree(result)
+        _result(root, build, key)
+    elif op == "renamed over" and result.exists() and not tmp.exists():
+        _folder_renamed_over(result)  # made beside the old one: a new inode
+        return True
+    elif op == "rewritten" and result.exists():
+        (result / "layerinfo").write_text(layerinfo_text(key, "/snap/rewritten", []))  # in place
+    elif op == "rootfs" and result.exists() and not (result / "rootfs").exists():
+        (result / "rootfs").mkdir()
+        (result / "rootfs" / "layerinfo").write_text(layerinfo_text(key, "/snap/base", []))
+    elif op in ("row", "unrow"):
+        db = sqlite3.connect(root / "state" / "db" / "db.sqlite")
+        with db:
+            if op == "row":
+                db.execute("INSERT OR REPLACE INTO builds VALUES (?, '', '', 0, NULL)", (build,))
+            else:
+                db.execute("DELETE FROM builds WHERE id = ?", (build,))
+        db.close()
+    return False
+
+
+def _cycle(store: FsStore, now: list[float]) -> StoreState:
+    """A whole verification cycle: ceil(entries / verify_batch) resyncs, every entry stat-ed."""
+    assert store.cache is not None and store.cache.state is not None
+    for _ in range(max(1, math.ceil(len(store.cache.state.results) / store.verify_batch))):
+        now[0] += store.resync or 0
+        state = store.observe()
+    return state
+
+
 @settings(max_examples=40, deadline=None)
-@given(ops=_OPS)
-def test_a_cached_look_sees_exactly_what_a_full_read_sees_on_a_store_that_changes(ops: list[tuple[str, str]]) -> None:
+@given(steps=_STEPS, settled=st.booleans())
+def test_a_cached_look_sees_what_a_full_read_sees_on_a_store_that_changes(
+    steps: list[tuple[str, str, bool]], settled: bool
+) -> None:
+    """Entries that come, go or are renamed over are seen at the very next look, verifying or
+    not; what changes in place, once a whole verification cycle has gone round. ``settled``:
+    no stamp is racy (each change comes a tick of the file clock after the last read), so only
+    the slices verify; else what was read within RACY_NS of its stamps is verified every time."""
     root = create_store(Path(tempfile.mkdtemp(prefix="obr-cache-")))
     try:
-        store = FsStore(root, resync=3600)
-        store.observe()
-        generation = dict.fromkeys(_IDS, 0)
-        for op, build in ops:
-            result, tmp = root / "result" / build, root / "result-tmp" / build
-            if op == "start" and not tmp.exists():
-                tmp.mkdir()
-                (tmp / "layerinfo").write_text(layerinfo_text(f"obuilder-{build}", f"/snap/{build}", []))
-            elif op == "finish" and tmp.exists() and not result.exists():
-                os.rename(tmp, result)
-            elif op == "cancel" and tmp.exists():
-                shutil.rmtree(tmp)
-            elif op == "prune" and result.exists():
-                shutil.rmtree(result)
-            elif op == "rebuild" and result.exists():
-                # Pruned and rebuilt under the same id, its snapshot under another key this time.
-                # A real rebuild takes seconds; here at least a tick of the file clock.
-                shutil.rmtree(result)
-                time.sleep(0.01)
-                generation[build] += 1
-                _result(root, build, f"obuilder-{build}-v{generation[build]}")
-            elif op in ("row", "unrow"):
-                db = sqlite3.connect(root / "state" / "db" / "db.sqlite")
-                with db:
-                    if op == "row":
-                        db.execute("INSERT OR REPLACE INTO builds VALUES (?, '', '', 0, NULL)", (build,))
-                    else:
-                        db.execute("DELETE FROM builds WHERE id = ?", (build,))
-                db.close()
-            assert store.observe() == observe_store(root), (op, build)
-        assert store.cache is not None and store.cache.reads <= len(ops) + len(_IDS)
+        with pytest.MonkeyPatch.context() as patch:
+            if settled:
+                patch.setattr(store_module, "RACY_NS", 0)
+            for build in _IDS[:4]:
+                _result(root, build, f"obuilder-{build}")
+            now = [0.0]
+            store = FsStore(root, resync=5, verify_batch=_BATCH, clock=lambda: now[0])
+            store.observe()
+            cache = store.cache
+            assert cache is not None
+            generation = dict.fromkeys(_IDS, 0)
+            for op, build, verifying in steps:
+                if settled:
+                    _after_a_tick(root)
+                if op == "cycle":
+                    assert _cycle(store, now) == observe_store(root)
+                    continue
+                new_folder = _change(root, op, build, generation)
+                now[0] += 5 if verifying else 0
+                seen, full = store.observe(), observe_store(root)
+                assert [e.id for e in seen.results] == [e.id for e in full.results], (op, build)
+                assert (seen.tmp, seen.cache_tmp, seen.db_rows) == (full.tmp, full.cache_tmp, full.db_rows)
+                if new_folder:
+                    assert {e.id: e for e in seen.results}[build] == {e.id: e for e in full.results}[build]
+                if settled and verifying:
+                    assert cache.last_verified <= _BATCH, "a slice, nothing racy"
+            if settled:
+                _after_a_tick(root)
+            assert _cycle(store, now) == observe_store(root)
+            assert store.cache is cache, "never a full read"
+            if settled:
+                assert cache.reads <= 4 + len(steps), "each change read once"
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -428,34 +519,40 @@ def _rootfs_goes(entry: Path) -> None:
     [_same_size_same_mtime, _renamed_over, _folder_renamed_over, _rootfs_appears],
     ids=["same size and mtime", "layerinfo renamed over", "folder renamed over", "rootfs appears"],
 )
-def test_a_change_under_any_stamp_is_seen_by_the_next_verifying_look(
+def test_a_change_under_any_stamp_is_seen_within_a_verification_cycle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[Path], None], racy: bool
 ) -> None:
-    """A layerinfo can change without its folder's stamps changing: a verification stats it.
+    """A layerinfo can change without its folder's stamps changing: a verification stats it,
+    when the entry's slice comes round (the folder renamed over: a new inode, at once).
     Within the same tick of the file clock, the stamps can all be equal: what was read within
-    RACY_NS of its stamps is read again, never trusted."""
+    RACY_NS of its stamps is verified at every verification and read again, never trusted."""
     if not racy:
         _settled(monkeypatch)
     root = create_store(tmp_path / "store")
     for n in range(5):
         _result(root, f"r{n}", f"obuilder-r{n}")
     entry = root / "result" / "r2"
-    if change is _rootfs_goes:
-        (entry / "rootfs").mkdir()
     now = [0.0]
-    store = FsStore(root, resync=5, clock=lambda: now[0])
+    store = FsStore(root, resync=5, verify_batch=2, clock=lambda: now[0])
     store.observe()
     cache = store.cache
+    assert cache is not None
     if not racy:
         time.sleep(0.02)  # a later tick of the file clock: the stamps alone must tell
     before = observe_store(root)
     change(entry)
-    now[0] += 5
-    seen = store.observe()
-    assert store.cache is cache, "a verification, not a full read"
-    assert seen == observe_store(root) != before
-    if not racy:
-        assert cache is not None and cache.reads == 6, "only the changed entry is read again"
+    looks = []
+    for _ in range(3):  # ceil(5 / 2): slices r0 r1, r2 r3, r4 r0
+        now[0] += 5
+        looks.append(store.observe())
+    assert store.cache is cache, "verifications, not a full read"
+    assert looks[-1] == observe_store(root) != before
+    if change is _folder_renamed_over or racy:
+        assert looks[0] == looks[-1], "a new inode, or racy stamps: seen at the next look"
+    else:
+        assert looks[0] == before, "in place: seen when its slice comes round, not before"
+        assert looks[1] == looks[-1]
+        assert cache.reads == 6, "only the changed entry is read again"
     now[0] += 5
     assert store.observe() == observe_store(root)
     assert store.cache is cache
@@ -583,22 +680,215 @@ def test_an_unchanged_store_is_the_very_same_state(tmp_path: Path, monkeypatch: 
     assert all(a is b for a, b in zip(first.results, second.results[:5], strict=True)), "unchanged entries are kept"
 
 
-def test_verify_share_spaces_verifications_by_what_the_last_one_cost(
+class _CountedEntry:
+    """An ``os.DirEntry`` whose ``stat()`` is recorded (the real one cannot be patched)."""
+
+    def __init__(self, entry: os.DirEntry[str], stat_ed: list[str]) -> None:
+        self._entry, self._stat_ed = entry, stat_ed
+        self.name, self.path = entry.name, entry.path
+
+    def inode(self) -> int:
+        return self._entry.inode()
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+    def is_symlink(self) -> bool:
+        return self._entry.is_symlink()
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        self._stat_ed.append(self.path)
+        return self._entry.stat(follow_symlinks=follow_symlinks)
+
+
+class _CountedListing:
+    def __init__(self, listing: Iterator[os.DirEntry[str]], stat_ed: list[str]) -> None:
+        self._it, self._stat_ed = listing, stat_ed
+
+    def __enter__(self) -> Iterator[_CountedEntry]:
+        return (_CountedEntry(e, self._stat_ed) for e in self._it)
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@dataclass
+class _Calls:
+    """What this process stats (os.stat, os.lstat, a listing's stat()) and lists (os.scandir)."""
+
+    stat_ed: list[str] = field(default_factory=list)
+    listed: list[str] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.stat_ed.clear()
+        self.listed.clear()
+
+
+def _record_calls(monkeypatch: pytest.MonkeyPatch) -> _Calls:
+    calls = _Calls()
+    real_stat, real_lstat, real_scandir = os.stat, os.lstat, os.scandir
+
+    def recorded(real: Callable[..., os.stat_result]) -> Callable[..., os.stat_result]:
+        def call(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
+            calls.stat_ed.append(os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    def listing(path: str | os.PathLike[str] = ".") -> _CountedListing:
+        calls.listed.append(os.fspath(path))
+        with real_scandir(path) as it:
+            return _CountedListing(iter(list(it)), calls.stat_ed)
+
+    monkeypatch.setattr(os, "stat", recorded(real_stat))
+    monkeypatch.setattr(os, "lstat", recorded(real_lstat))
+    monkeypatch.setattr(os, "scandir", listing)
+    return calls
+
+
+def _entries_stat_ed(calls: _Calls, root: Path) -> set[str]:
+    """The result/ entries whose folder, or anything in it, was stat-ed."""
+    result = str(root / "result") + os.sep
+    return {p[len(result) :].split(os.sep)[0] for p in calls.stat_ed if p.startswith(result)}
+
+
+def test_a_look_after_result_changed_stats_only_what_is_new(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build ending changes result/: the look lists names and their identities (no call per
+    entry), and stats only the new one; not 30 (or 50,000) folders."""
+    root = create_store(tmp_path / "store")
+    for n in range(30):
+        _result(root, f"r{n}", f"obuilder-r{n}")
+    store = FsStore(root, resync=3600)
+    store.observe()
+    _result(root, "z-new", "obuilder-z-new")
+    calls = _record_calls(monkeypatch)
+    state = store.observe()
+    assert _entries_stat_ed(calls, root) == {"z-new"}
+    assert str(root / "result") in calls.listed
+    assert "z-new" in [e.id for e in state.results]
+    assert state == observe_store(root)
+    assert store.cache is not None and store.cache.verified == 0
+
+
+def test_a_result_pruned_then_made_again_under_its_name_is_read_again(tmp_path: Path) -> None:
+    """A pruned entry is forgotten at the look that no longer lists it: when its name comes back,
+    in a folder that may have the old one's inode number (Linux reuses it at once), it is new."""
+    root = create_store(tmp_path / "store")
+    for name in ("a", "r", "z"):
+        _result(root, name, f"obuilder-{name}")
+    store = FsStore(root, resync=3600)
+    store.observe()
+    shutil.rmtree(root / "result" / "r")
+    assert [e.id for e in store.observe().results] == ["a", "z"]
+    _result(root, "r", "obuilder-r-again")
+    assert store.observe() == observe_store(root)
+
+
+def test_a_verification_stats_one_slice_and_a_cycle_covers_every_entry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _settled(monkeypatch)
     root = create_store(tmp_path / "store")
-    _result(root, "r", "obuilder-r")
+    names = [f"r{n}" for n in range(10)]
+    for name in names:
+        _result(root, name, f"obuilder-{name}")
     now = [0.0]
-    store = FsStore(root, resync=5, verify_share=0.01, clock=lambda: now[0])
+    store = FsStore(root, resync=5, verify_batch=3, clock=lambda: now[0])
     store.observe()
     cache = store.cache
     assert cache is not None
-    store.verify_seconds = 0.5  # as if the last one took half a second: the next in 50 s, not 5
-    now[0] = 10
+    calls = _record_calls(monkeypatch)
+    slices = []
+    for _ in range(4):  # ceil(10 / 3)
+        calls.clear()
+        now[0] += 5
+        store.observe()
+        slices.append(sorted(_entries_stat_ed(calls, root)))
+        assert cache.last_verified == 3
+        assert str(root / "result") not in calls.listed, "result/ unchanged: its last listing stands"
+    # In name order, each slice where the last one stopped, round to the first name.
+    assert slices == [names[0:3], names[3:6], names[6:9], sorted([names[9], *names[0:2]])]
+    assert set().union(*slices) == set(names)
+    # An entry read within RACY_NS of its stamps is verified at every verification, slice or not.
+    monkeypatch.setattr(store_module, "RACY_NS", 60 * 10**9)
+    _result(root, "z-new", "obuilder-z-new")
+    store.observe()  # not a resync: the listing reads the new entry, racy
+    calls.clear()
+    now[0] += 5
     store.observe()
-    assert cache.verified == 0
-    now[0] = 50
+    assert sorted(_entries_stat_ed(calls, root)) == [*names[2:5], "z-new"]
+    assert cache.last_verified == 4 and store.cache is cache
+
+
+def test_a_store_no_bigger_than_a_slice_is_verified_whole_at_every_resync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _settled(monkeypatch)
+    root = create_store(tmp_path / "store")
+    for n in range(3):
+        _result(root, f"r{n}", f"obuilder-r{n}")
+    now = [0.0]
+    store = FsStore(root, resync=5, verify_batch=3, clock=lambda: now[0])
     store.observe()
-    assert cache.verified == 1 and store.cache is cache
-    assert FsStore(root, resync=5).verify_share is None, "off unless asked"
+    calls = _record_calls(monkeypatch)
+    for _ in range(2):
+        calls.clear()
+        now[0] += 5
+        store.observe()
+        assert _entries_stat_ed(calls, root) == {"r0", "r1", "r2"}
+    with pytest.raises(ValueError, match="verify_batch"):
+        FsStore(root, resync=5, verify_batch=0)
+
+
+@dataclass(frozen=True)
+class _FindData:
+    """What FindNextFile gives for an entry, as ``os.DirEntry.stat()`` returns it on Windows."""
+
+    st_mtime_ns: int
+    st_ctime_ns: int  # the creation time, on Windows
+    st_file_attributes: int
+    st_ino: int = 0  # "always set to zero" in a listing's stat on Windows
+
+
+class _WindowsEntry:
+    """An ``os.DirEntry`` as Windows gives it: ``stat(follow_symlinks=False)`` is the listing's
+    own data; ``inode()`` and following a reparse point each cost a system call."""
+
+    def __init__(self, name: str, data: _FindData) -> None:
+        self.name, self._data = name, data
+
+    def inode(self) -> int:
+        raise AssertionError("inode() is a system call on Windows")
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return bool(self._data.st_file_attributes & 0x10)
+
+    def stat(self, *, follow_symlinks: bool = True) -> _FindData:
+        if follow_symlinks:
+            raise AssertionError("following a reparse point is a system call")
+        return self._data
+
+
+def test_the_windows_identity_is_the_listings_own_data_and_tells_a_rebuilt_folder() -> None:
+    folder = _FindData(st_mtime_ns=1_000, st_ctime_ns=500, st_file_attributes=0x10)
+    assert platform.windows_identities([_WindowsEntry("a", folder)]) == [("a", (1_000, 500, 0x10))]
+    changed = [
+        replace(folder, st_ctime_ns=2_000),  # deleted and made again: a new creation time
+        replace(folder, st_mtime_ns=2_000),  # something written in it
+        replace(folder, st_file_attributes=0x10 | 0x400),  # now a junction
+    ]
+    identities = {platform.windows_identities([_WindowsEntry("a", d)])[0][1] for d in [folder, *changed]}
+    assert len(identities) == 4
+
+
+def test_the_posix_identity_is_the_inode_and_kind_the_listing_gives(tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    os.symlink(tmp_path / "folder", tmp_path / "link")
+    with os.scandir(tmp_path) as it:
+        listed = dict(platform.posix_identities(it))
+    for name, ident in listed.items():
+        st = os.lstat(tmp_path / name)
+        assert ident == (st.st_ino, name == "folder"), name
+    expected = platform.windows_identities if platform.IS_WINDOWS else platform.posix_identities
+    assert platform.listed_identities is expected

@@ -15,10 +15,10 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import IO, Any, BinaryIO, Literal, TypeVar
+from typing import IO, Any, BinaryIO, Literal, Protocol, TypeVar
 
 IS_WINDOWS = sys.platform == "win32"
 _T = TypeVar("_T")
@@ -43,6 +43,66 @@ def is_link(st: os.stat_result) -> bool:
     if stat.S_ISLNK(st.st_mode):
         return True
     return bool(getattr(st, "st_file_attributes", 0) & _FILE_ATTRIBUTE_REPARSE_POINT)
+
+
+class ListedStamps(Protocol):
+    """The part of an ``os.stat_result`` a listing's identity is made of (Windows adds
+    ``st_file_attributes``)."""
+
+    @property
+    def st_mtime_ns(self) -> int: ...
+
+    @property
+    def st_ctime_ns(self) -> int: ...
+
+
+class ListedEntry(Protocol):
+    """What a folder's listing gives per entry (``os.DirEntry``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def inode(self) -> int: ...
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool: ...
+
+    def stat(self, *, follow_symlinks: bool = True) -> ListedStamps: ...
+
+
+#: An entry's identity as its folder's listing gives it (see :func:`listed_identities`).
+Identity = tuple[int, ...]
+
+
+def posix_identities(entries: Iterable[ListedEntry]) -> list[tuple[str, Identity]]:
+    """Each entry's name with its inode number and whether it is a folder: what readdir
+    returns (d_ino, d_type), so no call per entry. The os.DirEntry docs: ``inode()`` needs
+    no system call on Unix; ``is_dir()`` none for a non-symlink "except on certain Unix
+    file systems, such as network file systems, that return dirent.d_type == DT_UNKNOWN"
+    (there it lstats: still right, only slower), and none for a symlink with
+    ``follow_symlinks=False``."""
+    return [(e.name, (e.inode(), e.is_dir(follow_symlinks=False))) for e in entries]
+
+
+def windows_identities(entries: Iterable[ListedEntry]) -> list[tuple[str, Identity]]:
+    """Each entry's name with its mtime, creation time (``st_ctime_ns`` on Windows) and
+    attributes: what FindNextFile returns for it. The os.DirEntry docs: ``stat()`` "only requires a system call if
+    follow_symlinks is True and the entry is a reparse point", but ``inode()`` needs one on
+    Windows (and the listing's ``st_ino`` "is always set to zero"). A folder deleted and made
+    again has a new creation time (tunnelling aside: within 15 s NTFS may give a name its
+    old one back) and a new mtime once anything is written in it."""
+    out: list[tuple[str, Identity]] = []
+    for e in entries:
+        st = e.stat(follow_symlinks=False)
+        out.append((e.name, (st.st_mtime_ns, st.st_ctime_ns, getattr(st, "st_file_attributes", 0))))
+    return out
+
+
+#: A folder's entries, each named with what tells a changed entry from the one listed last
+#: time at no cost beyond the listing itself; not a full stamp (a folder rebuilt in place may
+#: come back with the same identity: a verification's lstat is what catches that).
+listed_identities: Callable[[Iterable[ListedEntry]], list[tuple[str, Identity]]] = (
+    windows_identities if IS_WINDOWS else posix_identities
+)
 
 
 def try_lock(handle: IO[bytes]) -> bool:
