@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -133,21 +132,6 @@ class BusyStore:
         return time.monotonic() - t0
 
 
-class SharedVerifyDaemon(DaemonProcess):
-    """The daemon with its store's ``verify_share`` set (what ``Settings.ports`` would pass)."""
-
-    def __init__(self, cd: PrivateContainerd, store: Path, policy: Path, log: Path, share: float) -> None:
-        self.log = log
-        self.out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        shim = (
-            "import runpy, sys; from controller.adapters import store; "
-            f"store.FsStore.__init__.__kwdefaults__['verify_share'] = {share!r}; "
-            "sys.argv[0] = 'controller'; runpy.run_module('controller', run_name='__main__', alter_sys=True)"
-        )
-        argv = [sys.executable, "-c", shim, "--policy", str(policy), "--store", str(store), "--address", cd.address]
-        self.proc = subprocess.Popen(argv, stdout=self.out, stderr=self.out, cwd=REPO)
-
-
 def busy_cpu(
     cd: PrivateContainerd,
     work: Path,
@@ -157,7 +141,6 @@ def busy_cpu(
     interval: str = "5m",
     store: BusyStore | None = None,
     tag: str = "",
-    verify_share: float | None = None,
 ) -> tuple[float, float, int]:
     """The daemon's CPU share beside a worker whose builds start or end every 2 s: its own, with
     the ctr processes it ran, and how many passes ran meanwhile."""
@@ -171,11 +154,7 @@ def busy_cpu(
         f"  timing: {{gracePeriod: 10m, staleAfter: 6h, interval: {interval}}}\n  metrics: {{enabled: false}}\n"
     )
     log = work / f"daemon{tag}.log"
-    daemon: DaemonProcess
-    if verify_share is None:
-        daemon = DaemonProcess(cd, world.root, policy, log)
-    else:
-        daemon = SharedVerifyDaemon(cd, world.root, policy, log, verify_share)
+    daemon = DaemonProcess(cd, world.root, policy, log)
     try:
         daemon.wait_for(r"INFO pass 1 ", timeout=600)
         (own0, kids0), t0, wall0 = process_cpu(daemon.proc.pid), time.monotonic(), time.time()
@@ -200,13 +179,9 @@ def busy_cpu(
 
 def busy_rows(args: argparse.Namespace, cd: PrivateContainerd, work: Path) -> bool:
     """Beside a busy worker: an empty store (the baseline), then the big store at each drift."""
-    vshare = args.verify_share
-    empty, empty_all, empty_passes = busy_cpu(
-        cd, work / "busy-empty", 0, args.busy, interval=args.interval, verify_share=vshare
-    )
+    empty, empty_all, empty_passes = busy_cpu(cd, work / "busy-empty", 0, args.busy, interval=args.interval)
     print(
-        f"beside a busy worker (a build starting or ending every 2 s), interval {args.interval}, {args.busy:g} s each"
-        f"{'' if vshare is None else f', verify_share {vshare:g}'}; "
+        f"beside a busy worker (a build starting or ending every 2 s), interval {args.interval}, {args.busy:g} s each; "
         f"empty store {empty * 100:.2f}% of one core ({empty_all * 100:.2f}% with its ctr processes; "
         f"{empty_passes} passes; baseline)"
     )
@@ -217,7 +192,7 @@ def busy_rows(args: argparse.Namespace, cd: PrivateContainerd, work: Path) -> bo
     for drift in drifts:
         made = big.snapshots_for(DRIFTS[drift])
         share, share_all, passes = busy_cpu(
-            cd, big.work, args.big, args.busy, interval=args.interval, store=big, tag=drift, verify_share=vshare
+            cd, big.work, args.big, args.busy, interval=args.interval, store=big, tag=drift
         )
         missing = args.big - big.with_snapshot
         target = 0.03 if args.big <= 5000 else 0.05
@@ -247,12 +222,6 @@ def main() -> int:
     )
     parser.add_argument("--ctr-jobs", type=int, default=4, help="parallel ctr calls making the busy store's snapshots")
     parser.add_argument("--busy-only", action="store_true", help="only the busy-worker rows (no idle, no delay)")
-    parser.add_argument(
-        "--verify-share",
-        type=float,
-        default=None,
-        help="run the daemon with FsStore(verify_share=...) (e.g. 0.01); default: as Settings.ports makes it",
-    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (the daemons' logs) and say where")
     args = parser.parse_args()
     if any(d not in DRIFTS for d in args.drift.split(",")):
