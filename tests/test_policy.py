@@ -238,3 +238,24 @@ def test_a_huge_or_binary_policy_is_refused_unread(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00kind")
     with pytest.raises(PolicyError, match="not UTF-8"):
         load_policy(binary)
+
+
+def test_the_daemons_store_reads_whole_as_often_as_the_policy_says_and_its_loop_keeps_its_budget(
+    tmp_path: Path,
+) -> None:
+    from controller.adapters.store import FsStore
+    from controller.core.ports import Reporter
+
+    path = write(
+        tmp_path,
+        HEAD
+        + "spec:\n  store: {root: /s}\n  timing: {interval: 5s, fullReadEvery: 1h}\n"
+        + "  limits: {passCpuShare: 0.1}\n",
+    )
+    s = resolve(Overrides(), str(path), {})
+    store = s.ports(Reporter()).store
+    assert isinstance(store, FsStore)
+    assert (store.resync, store.full_every) == (5.0, 3600.0)
+    assert s.spec.limits.pass_cpu_share == 0.1
+    with pytest.raises(PolicyError, match="fullReadEvery"):
+        load_policy(write(tmp_path, HEAD + "spec:\n  timing: {fullReadEvery: 0s}\n"))

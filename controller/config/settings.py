@@ -77,9 +77,13 @@ class Settings:
         """The real world for a pass: ctr against containerd, the store on disk, the wall clock.
         ``boot``: the worker waits for this run, so the disk look sizes folders only within a budget."""
         prefix = self.spec.ownership.container_prefix
-        # The store is read as an informer would: parsed entries cached between passes, and a
-        # full read every resync interval.
-        store = FsStore(self.store, resync=self.interval.total_seconds())
+        # The store is read as an informer would: parsed entries cached between passes, verified
+        # by their stamps every resync interval, and read whole now and then.
+        store = FsStore(
+            self.store,
+            resync=self.interval.total_seconds(),
+            full_every=self.spec.timing.full_read_every.total_seconds(),
+        )
         return Ports(
             containerd=CtrContainerd(Ctr(self.ctr), container_prefix=prefix),
             store=store,

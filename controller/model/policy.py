@@ -143,6 +143,9 @@ class TimingSpec(_Model):
     """Daemon: a `result-tmp/` entry that nothing uses and that has not changed for this long is stale."""
     interval: Duration = timedelta(minutes=5)
     """Daemon: time between resync passes."""
+    full_read_every: Duration = Field(default=timedelta(hours=6), gt=timedelta(0))
+    """Daemon: how often the store is read whole, its cache dropped (each resync verifies the cached
+    entries' stamps and re-reads only what changed; a verification that fails reads whole at once)."""
     max_task_age: Duration | None = None
     """Daemon: a running task older than this is killed. Unset: running tasks are never touched."""
 
