@@ -7,6 +7,7 @@ time at which the loop acted.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -229,23 +230,25 @@ def test_readiness_follows_the_last_pass() -> None:
     assert answers[1] == (False, "the last pass failed: ctr: exit 1: ctr: failed to dial: connection refused")
 
 
+async def a_change_every_second(loop: Loop, changes: int, *, ready: bool = False) -> None:
+    """The loop beside a store that changes every second; stopped half a second after the last."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(loop.run)
+        for n in range(changes):
+            await anyio.sleep(1)
+            loop.trigger(f"change {n}")
+        await anyio.sleep(0.5)
+        assert loop.ready()[0] or not ready, "readiness allows for the spacing"
+        loop.request_stop()
+
+
 def test_passes_a_busy_store_asks_for_are_spaced_by_what_they_cost_and_no_change_is_lost() -> None:
     """A change every second, passes that cost 0.6 s of CPU, a budget of 3% of a core: past the
     burst, a pass every 20 s, each carrying the changes that came while it was held back."""
     fake = FakeContainerd()
     loop, seen = loop_on(fake, interval=timedelta(seconds=5), cpu=PassCost(0.6), share=0.03)
 
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(loop.run)
-            for n in range(100):
-                await anyio.sleep(1)
-                loop.trigger(f"change {n}")
-            await anyio.sleep(0.5)
-            assert loop.ready()[0], "readiness allows for the spacing"
-            loop.request_stop()
-
-    run_virtual(main)
+    run_virtual(functools.partial(a_change_every_second, loop, 100, ready=True))
     times = [t for t, _ in seen.reports]
     # The first pass (a cold cache) spends nothing; the second at the first change takes the 0.5 s
     # burst and 0.1 s more, which 3% of a core gives back in 3.3 s; from then on one every 20 s.
@@ -301,14 +304,5 @@ def test_a_stop_while_a_pass_is_held_back_ends_the_loop_at_once() -> None:
 def test_cheap_passes_on_a_small_store_follow_every_change_at_once() -> None:
     loop, seen = loop_on(FakeContainerd(), interval=timedelta(seconds=5), cpu=PassCost(0.02), share=0.03)
 
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(loop.run)
-            for n in range(120):
-                await anyio.sleep(1)
-                loop.trigger(f"change {n}")
-            await anyio.sleep(0.5)
-            loop.request_stop()
-
-    run_virtual(main)
+    run_virtual(functools.partial(a_change_every_second, loop, 120))
     assert [t for t, _ in seen.reports] == pytest.approx([float(n) for n in range(121)]), "none held back"
