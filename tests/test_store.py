@@ -820,6 +820,29 @@ def test_a_verification_stats_one_slice_and_a_cycle_covers_every_entry(
     assert cache.last_verified == 4 and store.cache is cache
 
 
+def test_the_slices_are_spread_over_the_resync_interval_so_a_whole_cycle_fits_in_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big store's entries are each verified once a resync interval, as when a verification
+    was whole: with 9 entries in slices of 3 and a 30 s interval, a slice is due every 10 s."""
+    _settled(monkeypatch)
+    root = create_store(tmp_path / "store")
+    names = [f"r{n}" for n in range(9)]
+    for name in names:
+        _result(root, name, f"obuilder-{name}")
+    now = [0.0]
+    store = FsStore(root, resync=30, verify_batch=3, clock=lambda: now[0])
+    store.observe()
+    calls = _record_calls(monkeypatch)
+    seen: list[list[str]] = []
+    for _ in range(6):  # a look every 5 s for one interval
+        calls.clear()
+        now[0] += 5
+        store.observe()
+        seen.append(sorted(_entries_stat_ed(calls, root)))
+    assert seen == [[], names[0:3], [], names[3:6], [], names[6:9]]
+
+
 def test_a_store_no_bigger_than_a_slice_is_verified_whole_at_every_resync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

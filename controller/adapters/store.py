@@ -44,7 +44,7 @@ FULL_EVERY = 6 * 3600.0
 #: Default number of cached entries a verification stats (two lstats each: ~5 us here), in
 #: name order from where the last one stopped. At 50,000 entries a resync then costs ~0.12 s
 #: (~0.2 s when result/ changed and is listed again), within the 0.3 s target with room for a
-#: busy machine, and every entry is verified once every 3 resyncs.
+#: busy machine; FsStore spreads the 3 slices over one resync interval.
 VERIFY_BATCH = 20_000
 
 
@@ -162,9 +162,12 @@ class ReadCache:
     again. The cost of a slice: what changes *in place* (``rootfs/`` appearing, a layerinfo
     rewritten, an entry deleted and rebuilt under its name that got its freed inode number
     back, which Linux does) is seen when its slice comes round, within ceil(entries /
-    verify_batch) verifications, not at the next; OBuilder does none of these to a finished
-    result. A store of at most ``verify_batch`` entries is verified whole at every
-    verification. Stamps read within :data:`RACY_NS` of their change are never trusted: what
+    verify_batch) verifications (which FsStore spreads over one resync interval), not at the
+    next; OBuilder does none of these to a finished result, and a snapshot it would leave
+    unclaimed meanwhile is still kept by its grace period and by the last look at
+    ``result/ID`` before any removal (controller.core.identity). A store of at most
+    ``verify_batch`` entries is verified whole at every verification. Stamps read within
+    :data:`RACY_NS` of their change are never trusted: what
     was read under them is read again at the next verification, whatever its slice (the
     listing: at the next look).
     """
@@ -457,7 +460,7 @@ def _slice(listing: list[tuple[str, platform.Identity]], after: str, batch: int)
     the ``batch`` names that follow ``after`` (the last one verified), round to the first name
     after the last; and the last name it covers. Every position when the listing is no longer
     than that. Names that came since are in the listing too: each entry is verified at least
-    once every ceil(n / batch) resyncs."""
+    once every ceil(n / batch) verifications."""
     n = len(listing)
     if n <= batch:
         return 0, n, 0, after
@@ -659,13 +662,15 @@ class FsStore:
     """The store on disk: the core's :class:`~controller.core.ports.StorePort`.
 
     It keeps a :class:`ReadCache` between looks (``resync`` None: no cache, every look
-    reads everything). Every ``resync`` seconds a look verifies the cache: the next
-    ``verify_batch`` entries in name order (and every racy one) have their folder,
-    layerinfo and ``rootfs/`` stat-ed, and only what changed is parsed again; so what
-    one costs is bounded whatever the store's size, and every entry is verified once
-    every ceil(entries / verify_batch) resyncs. How often passes (and so looks) run is
-    the daemon loop's to pace. The cache is dropped for a true full read every
-    ``full_every`` seconds, and after an error while verifying; each is logged.
+    reads everything). A look verifies the cache in slices: the next ``verify_batch``
+    entries in name order (and every racy one) have their folder, layerinfo and
+    ``rootfs/`` stat-ed, and only what changed is parsed again; so what one look costs is
+    bounded whatever the store's size. The slices are spread over the ``resync`` interval
+    (one every ``resync / ceil(entries / verify_batch)`` seconds), so every entry is still
+    verified once a resync interval, as when a verification was whole, as long as looks
+    come that often; how often passes (and so looks) run is the daemon loop's to pace. The
+    cache is dropped for a true full read every ``full_every`` seconds, and after an error
+    while verifying; each is logged.
     """
 
     def __init__(
@@ -699,7 +704,8 @@ class FsStore:
             return self._full(now, None)
         if now - self._full_at >= self.full_every:
             return self._full(now, f"every {self.full_every:g}s")
-        verify = now - self._verified_at >= self.resync
+        slices = -(-len(self.cache.results) // self.verify_batch)
+        verify = now - self._verified_at >= self.resync / max(slices, 1)
         try:
             state = observe_store(
                 self.root,
