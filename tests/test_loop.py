@@ -306,3 +306,20 @@ def test_cheap_passes_on_a_small_store_follow_every_change_at_once() -> None:
 
     run_virtual(functools.partial(a_change_every_second, loop, 120))
     assert [t for t, _ in seen.reports] == pytest.approx([float(n) for n in range(121)]), "none held back"
+
+
+def test_a_reload_that_lowers_the_share_under_a_debt_holds_passes_no_longer_than_the_cap() -> None:
+    loop, seen = loop_on(FakeContainerd(), interval=timedelta(seconds=5), cpu=PassCost(200.0), share=1.0)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop.run)
+            await anyio.sleep(6)  # two passes: the second ran up a debt of 120 s at a share of 1
+            loop.reconfigure(loop.ports, loop.options, timedelta(seconds=5), cpu_share=0.03)
+            loop.trigger("policy reloaded")
+            await anyio.sleep(PACE_CAP + 10)
+            loop.request_stop()
+
+    run_virtual(main)
+    times = [t for t, _ in seen.reports]
+    assert times[:3] == pytest.approx([0, 5, 5 + PACE_CAP]), "not the 4,000 s the debt is worth at 3%"

@@ -71,9 +71,10 @@ class CpuBudget:
             self.tokens = max(self.tokens - max(cpu, 0.0), -self.share * PACE_CAP)
 
     def wait(self, now: float) -> float:
-        """Seconds until a pass may start (0: now)."""
+        """Seconds until a pass may start (0: now); never more than :data:`PACE_CAP`, whatever the
+        debt (a reload may lower the share under a debt run up at the old one)."""
         self._refill(now)
-        return max(0.0, -self.tokens / self.share) if self.share else 0.0
+        return min(max(0.0, -self.tokens / self.share), PACE_CAP) if self.share else 0.0
 
     def _refill(self, now: float) -> None:
         if self._at is not None and self.share:
@@ -141,6 +142,8 @@ class Loop:
         self.options = replace(options, mode=Mode.DAEMON, should_stop=self.stopping.is_set)
         self.interval = interval
         self.budget.share = cpu_share
+        if cpu_share:
+            self.budget.tokens = max(self.budget.tokens, -cpu_share * PACE_CAP)
 
     def trigger(self, why: str) -> None:
         if self._why is None:  # the first reason since the last pass is the one told
