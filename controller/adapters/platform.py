@@ -93,7 +93,10 @@ def windows_identities(entries: Iterable[ListedEntry]) -> list[tuple[str, Identi
     out: list[tuple[str, Identity]] = []
     for e in entries:
         st = e.stat(follow_symlinks=False)
-        out.append((e.name, (st.st_mtime_ns, st.st_ctime_ns, getattr(st, "st_file_attributes", 0))))
+        # Creation time: st_birthtime_ns from Python 3.12 (st_ctime_ns is deprecated as creation
+        # time there, and read 0 from a listing on 3.12.0-3.12.2: CPython gh-117267), st_ctime_ns before.
+        born = getattr(st, "st_birthtime_ns", None) or st.st_ctime_ns
+        out.append((e.name, (st.st_mtime_ns, born, getattr(st, "st_file_attributes", 0))))
     return out
 
 
