@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from controller.adapters import platform
 from controller.adapters import store as store_module
 from controller.adapters.store import FsStore, ReadCache, check_store, observe_store, read_db, read_layerinfo
-from controller.model.errors import LayerinfoError, StoreSanityError
+from controller.model.errors import LayerinfoError, StoreReadError, StoreSanityError
 from controller.model.records import StoreState
 from tests.support.world import create_store, layerinfo_text
 
@@ -332,6 +333,13 @@ def _change(root: Path, op: str, build: str, generation: dict[str, int]) -> bool
     return False
 
 
+def _a_slice_later(store: FsStore) -> float:
+    """How long after a verification the next slice is due: looks this far apart verify a slice
+    each (one later verifies what is due since, up to every entry)."""
+    assert store.cache is not None and store.resync
+    return store.resync / max(1, math.ceil(len(store.cache.results) / store.verify_batch))
+
+
 def _cycle(store: FsStore, now: list[float]) -> StoreState:
     """A whole verification cycle: ceil(entries / verify_batch) resyncs, every entry stat-ed."""
     assert store.cache is not None and store.cache.state is not None
@@ -370,7 +378,7 @@ def test_a_cached_look_sees_what_a_full_read_sees_on_a_store_that_changes(
                     assert _cycle(store, now) == observe_store(root)
                     continue
                 new_folder = _change(root, op, build, generation)
-                now[0] += 5 if verifying else 0
+                now[0] += _a_slice_later(store) if verifying else 0
                 seen, full = store.observe(), observe_store(root)
                 assert [e.id for e in seen.results] == [e.id for e in full.results], (op, build)
                 assert (seen.tmp, seen.cache_tmp, seen.db_rows) == (full.tmp, full.cache_tmp, full.db_rows)
@@ -543,7 +551,7 @@ def test_a_change_under_any_stamp_is_seen_within_a_verification_cycle(
     change(entry)
     looks = []
     for _ in range(3):  # ceil(5 / 2): slices r0 r1, r2 r3, r4 r0
-        now[0] += 5
+        now[0] += _a_slice_later(store)
         looks.append(store.observe())
     assert store.cache is cache, "verifications, not a full read"
     assert looks[-1] == observe_store(root) != before
@@ -801,7 +809,7 @@ def test_a_verification_stats_one_slice_and_a_cycle_covers_every_entry(
     slices = []
     for _ in range(4):  # ceil(10 / 3)
         calls.clear()
-        now[0] += 5
+        now[0] += _a_slice_later(store)
         store.observe()
         slices.append(sorted(_entries_stat_ed(calls, root)))
         assert cache.last_verified == 3
@@ -814,7 +822,7 @@ def test_a_verification_stats_one_slice_and_a_cycle_covers_every_entry(
     _result(root, "z-new", "obuilder-z-new")
     store.observe()  # not a resync: the listing reads the new entry, racy
     calls.clear()
-    now[0] += 5
+    now[0] += _a_slice_later(store)
     store.observe()
     assert sorted(_entries_stat_ed(calls, root)) == [*names[2:5], "z-new"]
     assert cache.last_verified == 4 and store.cache is cache
@@ -841,6 +849,32 @@ def test_the_slices_are_spread_over_the_resync_interval_so_a_whole_cycle_fits_in
         store.observe()
         seen.append(sorted(_entries_stat_ed(calls, root)))
     assert seen == [[], names[0:3], [], names[3:6], [], names[6:9]]
+    # A daemon that looks only once an interval (nothing asks for a pass) verifies all that is due.
+    now[0] += 30
+    calls.clear()
+    store.observe()
+    assert sorted(_entries_stat_ed(calls, root)) == names
+
+
+def test_result_going_away_while_it_is_read_fails_the_look_rather_than_look_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unmount between the store's check and its listing: every result would look pruned."""
+    root = create_store(tmp_path / "store")
+    _result(root, "r0", "obuilder-r0")
+    real_scandir = os.scandir
+
+    def gone(path: Any) -> Any:
+        if str(path).endswith("result"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_scandir(path)
+
+    store = FsStore(root, resync=5, clock=lambda: 0.0)
+    monkeypatch.setattr(os, "scandir", gone)
+    with pytest.raises(StoreReadError, match="went away"):
+        observe_store(root)
+    with pytest.raises(StoreReadError, match="went away"):
+        store.observe()
 
 
 def test_a_store_no_bigger_than_a_slice_is_verified_whole_at_every_resync(
@@ -871,6 +905,9 @@ class _FindData:
     st_ctime_ns: int  # the creation time, on Windows
     st_file_attributes: int
     st_ino: int = 0  # "always set to zero" in a listing's stat on Windows
+    #: Python 3.12+: the creation time (st_ctime_ns is deprecated as such, and read 0 from a
+    #: listing on 3.12.0-3.12.2, CPython gh-117267); None here stands for 3.11, which has none.
+    st_birthtime_ns: int | None = None
 
 
 class _WindowsEntry:
@@ -902,6 +939,13 @@ def test_the_windows_identity_is_the_listings_own_data_and_tells_a_rebuilt_folde
     ]
     identities = {platform.windows_identities([_WindowsEntry("a", d)])[0][1] for d in [folder, *changed]}
     assert len(identities) == 4
+    # On 3.12.0-3.12.2 a listing's st_ctime_ns reads 0: the creation time comes from st_birthtime_ns.
+    on_312 = replace(folder, st_ctime_ns=0, st_birthtime_ns=500)
+    rebuilt = replace(on_312, st_birthtime_ns=2_000)
+    assert [platform.windows_identities([_WindowsEntry("a", d)])[0][1] for d in (on_312, rebuilt)] == [
+        (1_000, 500, 0x10),
+        (1_000, 2_000, 0x10),
+    ]
 
 
 def test_the_posix_identity_is_the_inode_and_kind_the_listing_gives(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import math
 import operator
 import os
 import sqlite3
@@ -349,7 +350,7 @@ def _names(folder: Path) -> list[str]:
 
 def _read_entries(folder: Path, area: str) -> Sequence[StoreEntry]:
     out = []
-    for name, st in _listing(folder):
+    for name, st in _listing(folder, required=area == "result"):
         entry = _read_or_unreadable(folder, name, area, st)
         if entry is not None:
             out.append(entry)
@@ -566,8 +567,10 @@ def _identities(folder: Path) -> list[tuple[str, platform.Identity]]:
     try:
         with os.scandir(folder) as it:
             out = platform.listed_identities(it)
-    except FileNotFoundError:
-        return []
+    except FileNotFoundError as e:
+        # result/ was there when the store was checked: gone now, every result would look
+        # pruned and every snapshot they keep an orphan (an unmount mid-pass). Fail the pass.
+        raise StoreReadError(f"{folder} went away while it was read; nothing is judged on it") from e
     except OSError as e:
         raise StoreReadError(f"{folder}: {e.strerror or e}") from e
     # By the name alone: sorting the pairs compares each name twice (== first), 3x slower here.
@@ -575,10 +578,11 @@ def _identities(folder: Path) -> list[tuple[str, platform.Identity]]:
     return out
 
 
-def _listing(folder: Path) -> list[tuple[str, os.stat_result]]:
+def _listing(folder: Path, *, required: bool = False) -> list[tuple[str, os.stat_result]]:
     """Each entry's name and lstat, sorted; one that goes between the listing and its lstat is
     left out (the store no longer has it). Plain strings, not Path objects: at thousands of
-    entries a pass spends its time building paths otherwise."""
+    entries a pass spends its time building paths otherwise. A ``required`` folder that is
+    gone fails the read (see :func:`_identities`); another reads as empty."""
     out = []
     try:
         with os.scandir(folder) as it:
@@ -587,7 +591,9 @@ def _listing(folder: Path) -> list[tuple[str, os.stat_result]]:
                     out.append((item.name, item.stat(follow_symlinks=False)))
                 except FileNotFoundError:
                     continue
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if required:
+            raise StoreReadError(f"{folder} went away while it was read; nothing is judged on it") from e
         return []
     except OSError as e:
         raise StoreReadError(f"{folder}: {e.strerror or e}") from e
@@ -667,8 +673,9 @@ class FsStore:
     ``rootfs/`` stat-ed, and only what changed is parsed again; so what one look costs is
     bounded whatever the store's size. The slices are spread over the ``resync`` interval
     (one every ``resync / ceil(entries / verify_batch)`` seconds), so every entry is still
-    verified once a resync interval, as when a verification was whole, as long as looks
-    come that often; how often passes (and so looks) run is the daemon loop's to pace. The
+    verified once a resync interval, as when a verification was whole: a look that comes
+    later than its slice was due verifies what is due since the last (an idle daemon, which
+    looks once an interval, verifies them all). How often passes run is the loop's to pace. The
     cache is dropped for a true full read every ``full_every`` seconds, and after an error
     while verifying; each is logged.
     """
@@ -704,15 +711,20 @@ class FsStore:
             return self._full(now, None)
         if now - self._full_at >= self.full_every:
             return self._full(now, f"every {self.full_every:g}s")
-        slices = -(-len(self.cache.results) // self.verify_batch)
-        verify = now - self._verified_at >= self.resync / max(slices, 1)
+        entries, elapsed = len(self.cache.results), now - self._verified_at
+        verify = elapsed >= self.resync / max(-(-entries // self.verify_batch), 1)
+        # What is due: every entry once a resync interval. Looks that come often verify a slice
+        # each; one that comes an interval after the last verifies them all.
+        # Rounded first: a look exactly a slice's time later is due a slice, not a slice and one.
+        due = math.ceil(round(entries * elapsed / self.resync, 6)) if self.resync > 0 else entries
+        batch = max(self.verify_batch, min(entries, due))
         try:
             state = observe_store(
                 self.root,
                 busy_timeout=self.busy_timeout,
                 cache=self.cache,
                 verify=verify,
-                verify_batch=self.verify_batch,
+                verify_batch=batch,
             )
         except VerifyError as e:
             return self._full(now, f"after an error while verifying: {e}")
