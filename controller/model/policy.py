@@ -159,10 +159,10 @@ class LimitsSpec(_Model):
     """ctr processes at once: for one level of snapshot removals, and for reading containers."""
     pass_cpu_share: float = Field(default=0.03, gt=0, le=1)
     """Daemon: the share of one core passes may use on average (the daemon's own CPU, not its ctr
-    processes', which Windows cannot count for it). Passes spend CPU seconds from a bucket of 0.5 s refilled at this share: once it is
-    spent, a pass a change or the interval asks for waits until it refills (at most 2 minutes); a
-    pass after one that removed something does not wait. On a big store beside a busy worker this
-    spaces passes beyond `interval`."""
+    processes', which Windows cannot count for it). Passes spend CPU seconds from a bucket of 0.5 s
+    refilled at this share: once it is spent, a pass a change or the interval asks for waits until
+    it refills (at most 2 minutes); a pass after one that removed something does not wait. On a big
+    store beside a busy worker this spaces passes beyond `interval`."""
 
 
 class WorkerSpec(_Model):
