@@ -58,6 +58,16 @@ def tmp_path() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def outside_path() -> Iterator[Path]:
+    """A second temp folder, apart from ``tmp_path`` (a store root, say): removed after the test too."""
+    path = Path(tempfile.mkdtemp(prefix="obr-test-outside-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Every test on the real daemon carries the mark, so `pytest -m containerd` runs
     # exactly those on another containerd line (make test-lines).

@@ -108,10 +108,9 @@ def test_a_failure_rolls_the_whole_transaction_back(tmp_path: Path) -> None:
     assert rows_of(db_of(tmp_path)) == before
 
 
-def test_a_link_in_result_is_removed_as_a_link(tmp_path: Path) -> None:
+def test_a_link_in_result_is_removed_as_a_link(tmp_path: Path, outside_path: Path) -> None:
     drifted_store(tmp_path)
-    outside = tmp_path.parent / (tmp_path.name + "-outside")
-    outside.mkdir()
+    outside = outside_path
     (outside / "precious").write_text("keep")
     (tmp_path / "result" / "L").symlink_to(outside, target_is_directory=True)
     p = plan_repairs(FsStore(tmp_path).observe(), set(), (RepairClass.RESULT_WITHOUT_ROW,))
@@ -172,11 +171,11 @@ def test_once_repair_end_to_end_then_check_is_clean(
 
 
 def test_the_policy_asks_for_repairs_and_dry_run_changes_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, outside_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = drifted_store(tmp_path)
     use_fakes(monkeypatch, fake)
-    policy = tmp_path.parent / (tmp_path.name + "-policy.yaml")
+    policy = outside_path / "policy.yaml"
     policy.write_text(
         "apiVersion: reconcile.obuilder.io/v1alpha1\nkind: ReconcilePolicy\nmetadata: {name: t}\n"
         f"spec:\n  store: {{root: {tmp_path}}}\n  repair: {{classes: [rc]}}\n"
