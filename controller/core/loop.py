@@ -43,7 +43,7 @@ from controller.model.records import History
 BACKOFF_FIRST, BACKOFF_CAP = 1.0, 120.0
 
 #: The share of one core passes may use on average (spec.limits.passCpuShare).
-CPU_SHARE = 0.03
+CPU_SHARE = 0.02
 #: CPU seconds passes may spend at once before the budget holds them back.
 BURST = 0.5
 #: The longest a pass is held back by the budget (seconds): one costly full read must not leave

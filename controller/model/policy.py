@@ -157,7 +157,7 @@ class LimitsSpec(_Model):
     """Daemon: at most this many snapshot removals per pass (leaves first); the rest waits."""
     parallelism: int = Field(default=4, ge=1, le=64)
     """ctr processes at once: for one level of snapshot removals, and for reading containers."""
-    pass_cpu_share: float = Field(default=0.03, gt=0, le=1)
+    pass_cpu_share: float = Field(default=0.02, gt=0, le=1)
     """Daemon: the share of one core passes may use on average (the daemon's own CPU, not its ctr
     processes', which Windows cannot count for it). Passes spend CPU seconds from a bucket of 0.5 s
     refilled at this share: once it is spent, a pass a change or the interval asks for waits until
