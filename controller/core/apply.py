@@ -9,7 +9,7 @@ child stays, an entry whose snapshot stays) is skipped with it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 
 from controller.model.plan import Kind, Plan
@@ -50,37 +50,56 @@ def restrict(
 
 
 def _containers(planned: PlanFile, now: Plan, observation: Observation, skipped: list[Skipped]) -> set[str]:
-    containers = {c.id: c for c in observation.containerd.containers}
-    leftover = {c.id for c in now.containers}
-    keep = set()
-    for c in planned.containers:
-        current = containers.get(c.id)
-        if current is None:
-            skipped.append(Skipped(kind=Kind.CONTAINER.value, name=c.id, reason="gone since planned"))
-        elif current.created_at != c.created_at:
-            skipped.append(Skipped(kind=Kind.CONTAINER.value, name=c.id, reason="re-created since planned"))
-        elif c.id not in leftover:
-            reason = f"no longer a leftover: {now.decision_for(c.id)[0].reason}"
-            skipped.append(Skipped(kind=Kind.CONTAINER.value, name=c.id, reason=reason))
-        else:
-            keep.add(c.id)
-    return keep
+    return _still_as_planned(
+        Kind.CONTAINER,
+        [(c.id, c.created_at) for c in planned.containers],
+        {c.id: c.created_at for c in observation.containerd.containers},
+        {c.id for c in now.containers},
+        skipped,
+        changed="re-created since planned",
+        no_longer=lambda name: f"no longer a leftover: {now.decision_for(name)[0].reason}",
+    )
 
 
 def _entries(planned: PlanFile, now: Plan, observation: Observation, skipped: list[Skipped]) -> set[str]:
-    entries = {e.id: e for e in observation.store.tmp}
-    planned_now = {t.id for t in now.tmp_entries}
+    return _still_as_planned(
+        Kind.RESULT_TMP,
+        [(e.id, e.stamps) for e in planned.tmp_entries],
+        {e.id: e.stamps for e in observation.store.tmp},
+        {t.id for t in now.tmp_entries},
+        skipped,
+        changed="changed since planned",
+        no_longer=lambda _: "no longer to be removed",
+    )
+
+
+def _still_as_planned(
+    kind: Kind,
+    planned: Iterable[tuple[str, object]],
+    current: Mapping[str, object],
+    planned_now: set[str],
+    skipped: list[Skipped],
+    *,
+    changed: str,
+    no_longer: Callable[[str], str],
+) -> set[str]:
+    """The planned objects that are still there, with the identity they were planned on (a
+    container's creation time, an entry's stamps), and that the plan made now still removes;
+    each other one is skipped with why."""
     keep = set()
-    for e in planned.tmp_entries:
-        entry = entries.get(e.id)
-        if entry is None:
-            skipped.append(Skipped(kind=Kind.RESULT_TMP.value, name=e.id, reason="gone since planned"))
-        elif entry.stamps != e.stamps:
-            skipped.append(Skipped(kind=Kind.RESULT_TMP.value, name=e.id, reason="changed since planned"))
-        elif e.id not in planned_now:
-            skipped.append(Skipped(kind=Kind.RESULT_TMP.value, name=e.id, reason="no longer to be removed"))
+    for name, identity in planned:
+        if name not in current:
+            reason: str | None = "gone since planned"
+        elif current[name] != identity:
+            reason = changed
+        elif name not in planned_now:
+            reason = no_longer(name)
         else:
-            keep.add(e.id)
+            reason = None
+        if reason is None:
+            keep.add(name)
+        else:
+            skipped.append(Skipped(kind=kind.value, name=name, reason=reason))
     return keep
 
 
