@@ -48,24 +48,24 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
 
 
-@pytest.fixture
-def tmp_path() -> Iterator[Path]:
-    """A temp folder removed after the test, pass or fail (pytest's own keeps the last few)."""
-    path = Path(tempfile.mkdtemp(prefix="obr-test-"))
+def _temp_folder(prefix: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A temp folder removed after the test, pass or fail (pytest's own keeps the last few)."""
+    yield from _temp_folder("obr-test-")
 
 
 @pytest.fixture
 def outside_path() -> Iterator[Path]:
     """A second temp folder, apart from ``tmp_path`` (a store root, say): removed after the test too."""
-    path = Path(tempfile.mkdtemp(prefix="obr-test-outside-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    yield from _temp_folder("obr-test-outside-")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
